@@ -1,0 +1,127 @@
+"""Gateway overhead: the gateway against the same vLLM server called directly, same prompts, same
+concurrency (1, 8, 32), rounds interleaved so both sides see the same machine noise.
+
+Prints, per concurrency, the throughput ratio (gateway / direct; target >= 0.97) and the added p50
+time-to-first-token (target <= 3 ms). Run: `python bench/serving.py [--model tiny|smollm2|DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+KEY = "sk-bench-key-0001"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float, int]:
+    body = {"model": model, "prompt": "The review says the product", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+    return ttft or 0.0, time.perf_counter() - start, tokens
+
+
+async def round_(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, float]:
+    """Returns (tokens per second, p50 TTFT in seconds) of `requests` requests at `concurrency`."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def guarded() -> tuple[float, float, int]:
+            async with sem:
+                return await one(client, url, model, max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(guarded() for _ in range(requests)))
+        wall = time.perf_counter() - start
+    tokens = sum(r[2] for r in results)
+    return tokens / wall, statistics.median(r[0] for r in results)
+
+
+def start_gateway(model: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    port, vport = free_port(), free_port()
+    cfg = workdir / "bench.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": model, "model_cache_dir": str(Path("~/.cache/loraloop/models").expanduser()),
+        "port": port, "log_level": "warning",
+        "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}},
+    }))  # fmt: skip
+    env = {**os.environ, "LORALOOP_API_KEY": KEY}
+    log = open(workdir / "gateway.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"],
+                            env=env, stdout=log, stderr=log)  # fmt: skip
+    gw = f"http://127.0.0.1:{port}"
+    for _ in range(900):
+        try:
+            if httpx.get(f"{gw}/health", timeout=2).status_code == 200:
+                return proc, gw, f"http://127.0.0.1:{vport}"
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit(f"gateway did not start; see {workdir / 'gateway.log'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny (default), smollm2 or a model directory")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per side")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, gateway, direct = start_gateway(args.model, Path(tmp))
+        try:
+            print(f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>6} {'added p50 TTFT':>15}")
+            for conc in (int(c) for c in args.concurrency.split(",")):
+                requests = max(8, conc * 4)
+                asyncio.run(round_(direct, "base", conc, conc, 8))  # warm-up both paths
+                asyncio.run(round_(gateway, "bench", conc, conc, 8))
+                d_tps, g_tps, d_ttft, g_ttft = [], [], [], []
+                for _ in range(args.rounds):
+                    tps, ttft = asyncio.run(round_(direct, "base", conc, requests, args.max_tokens))
+                    d_tps.append(tps)
+                    d_ttft.append(ttft)
+                    tps, ttft = asyncio.run(round_(gateway, "bench", conc, requests, args.max_tokens))
+                    g_tps.append(tps)
+                    g_ttft.append(ttft)
+                d, g = statistics.median(d_tps), statistics.median(g_tps)
+                added_ms = (statistics.median(g_ttft) - statistics.median(d_ttft)) * 1000
+                print(f"{conc:>4} {d:>13.1f} {g:>14.1f} {g / d:>6.3f} {added_ms:>12.2f} ms", flush=True)
+            print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()

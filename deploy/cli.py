@@ -1,0 +1,113 @@
+"""The `loraloop` command line. Each subcommand prints a one-line error and exits non-zero on bad
+input; packages add their own subcommands through a `register(subparsers)` function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.settings import PRESETS, ConfigError, Settings, load_settings
+
+logger = logging.getLogger("loraloop")
+
+#: Modules that contribute subcommands via `register(subparsers)`; missing ones are skipped.
+_PLUGINS = ("feedback.cli", "serving.admin_cli", "retrain.cli", "deploy.commands")
+
+
+class CommandError(Exception):
+    """A failure reported to the operator as one line."""
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(getattr(args, "config", None), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from serving.model_prep import build_tiny, prepare_smollm2
+
+    dst = Path(args.dir)
+    if dst.exists() and any(dst.iterdir()) and not args.force:
+        raise CommandError(f"{dst} is not empty; pass --force to overwrite")
+    if args.preset == "tiny":
+        build_tiny(dst, seed=args.seed)
+    else:
+        prepare_smollm2(dst)
+    print(f"prepared the {args.preset} model in {dst}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import build_app
+    from serving.model_prep import prepare_model
+
+    settings = _settings(args, host=args.host, port=args.port, model=args.model)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request is noise
+    model_path = None
+    if settings.backends.mode == "managed":
+        print(f"preparing base model {settings.model!r} (cached in {settings.cache_dir}) ...", flush=True)
+        model_path = prepare_model(settings.model, settings.cache_dir)
+    app = build_app(settings, model_path=model_path)
+    print(f"loraloop gateway on http://{settings.host}:{settings.port} (aliases: {', '.join(settings.aliases)})")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraloop", description="Keep fine-tuned LLMs improving in production.")
+    parser.add_argument("--config", help="YAML settings file (LORALOOP_* environment variables override it)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-model", help="prepare a local model directory (no hub needed)")
+    p.add_argument("dir", help="target directory")
+    p.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny (tests) or smollm2 (a real model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny preset")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible gateway (and a managed vLLM)")
+    p.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--model", help="base model: tiny, smollm2, a local directory or a hub id")
+    p.set_defaults(func=cmd_serve)
+
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "needs_settings", False):
+            args.settings = _settings(args)
+        code: int = args.func(args)
+        return code
+    except (ConfigError, CommandError) as exc:
+        print(f"loraloop: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the operator gets one line; details go to the log at debug level
+        logger.debug("command failed", exc_info=True)
+        name = type(exc).__name__
+        print(f"loraloop: error: {name}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

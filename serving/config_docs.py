@@ -1,0 +1,90 @@
+"""Render docs/configuration.md from the settings classes, so the docs cannot drift from the code
+(`python -m serving.config_docs > docs/configuration.md`; a test checks the file is current)."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from .settings import Settings
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is dict:
+        value = typing.get_args(annotation)[1]
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return value
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
+    return text.replace("NoneType", "None").replace("serving.settings.", "")
+
+
+def _default(field: Any) -> str:
+    if field.default_factory is not None:
+        try:
+            value = field.default_factory()
+        except TypeError:
+            return "(computed)"
+        if isinstance(value, BaseModel):
+            return "(see below)"
+        if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            return "`{" + ", ".join(f"{k!r}: {{}}" for k in value) + "}`"
+        return f"`{value!r}`"
+    if field.default is PydanticUndefined:
+        return "required"
+    if field.default is None:
+        return "unset"
+    return f"`{field.default}`" if isinstance(field.default, Path) else f"`{field.default!r}`"
+
+
+def _rows(model: type[BaseModel], prefix: str, out: list[str], sections: list[tuple[str, type[BaseModel]]]) -> None:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        sub = _submodel(annotation)
+        is_map = typing.get_origin(annotation) is dict
+        env = "LORALOOP_" + key.replace(".", "__").upper() if not is_map else ""
+        desc = (field.description or "").replace("|", "\\|")
+        type_name = _type_name(annotation).replace("|", "\\|")
+        out.append(f"| `{key}` | {type_name} | {_default(field)} | {env and f'`{env}`'} | {desc} |")
+        if sub is not None:
+            sections.append((f"{key}.<name>" if is_map else key, sub))
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `serving/settings.py` by `python -m serving.config_docs`; do not edit by hand.",
+        "Sources, highest priority first: keyword overrides (CLI flags), `LORALOOP_*` environment variables",
+        "(nested keys joined with `__`), the YAML file given with `--config`. Errors are reported as one line",
+        "naming the field. Maps (`aliases`, `adapters`) are set in YAML, or in the environment as JSON.",
+        "",
+    ]
+    queue: list[tuple[str, type[BaseModel]]] = [("", Settings)]
+    while queue:
+        prefix, model = queue.pop(0)
+        title = prefix or "top level"
+        lines += [f"## `{title}`", "", (model.__doc__ or "").strip().splitlines()[0], ""]
+        lines += ["| key | type | default | environment | meaning |", "|---|---|---|---|---|"]
+        rows: list[str] = []
+        found: list[tuple[str, type[BaseModel]]] = []
+        _rows(model, f"{prefix}." if prefix else "", rows, found)
+        lines += [*rows, ""]
+        queue += found
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render())

@@ -1,0 +1,80 @@
+"""FastAPI dependencies: the app's components and key checks, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import SecretStr
+
+from .errors import OpenAIError
+from .openai_serving import OpenAIServing
+from .settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_serving(request: Request) -> OpenAIServing:
+    serving: OpenAIServing = request.app.state.serving
+    return serving
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, key: SecretStr) -> bool:
+    return token is not None and secrets.compare_digest(token.encode(), key.get_secret_value().encode())
+
+
+def _unauthorized(token: str | None) -> OpenAIError:
+    if token is None:
+        return OpenAIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
+    return OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    """Checks the Bearer API key on /v1/* when one is configured (the admin key is accepted too)."""
+    if settings.api_key is None:
+        return
+    token = _bearer(request)
+    if _matches(token, settings.api_key) or (settings.admin_key and _matches(token, settings.admin_key)):
+        return
+    raise _unauthorized(token)
+
+
+def require_admin_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    """Admin endpoints: refused entirely without a configured admin key; 401 without a valid key,
+    403 for the API key."""
+    if settings.admin_key is None:
+        raise OpenAIError(403, "the admin API is disabled: set LORALOOP_ADMIN_KEY to enable it", code="admin_disabled")
+    token = _bearer(request)
+    if _matches(token, settings.admin_key):
+        return
+    if settings.api_key is not None and _matches(token, settings.api_key):
+        raise OpenAIError(403, "this key may not use the admin API", code="admin_key_required")
+    raise _unauthorized(token)
+
+
+def metrics_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    if settings.metrics_require_key:
+        require_api_key(request, settings)
+
+
+def health_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    if settings.health_require_key:
+        require_api_key(request, settings)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServingDep = Annotated[OpenAIServing, Depends(get_serving)]
+ApiKey = Annotated[None, Depends(require_api_key)]
+AdminKey = Annotated[None, Depends(require_admin_key)]
+MetricsGuard = Annotated[None, Depends(metrics_guard)]
+HealthGuard = Annotated[None, Depends(health_guard)]

@@ -1,0 +1,65 @@
+"""The gateway's Prometheus metrics, all prefixed ``loraloop_`` and labelled by alias and adapter
+(vLLM's own metrics only know the base model). One registry per app: nothing global."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GatewayMetrics:
+    """Metric objects of one gateway, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraloop_requests",
+            "Requests served by the gateway, by alias, adapter, endpoint and HTTP status.",
+            ["alias", "adapter", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "loraloop_request_duration_seconds",
+            "End-to-end request latency seen by the gateway (until the last byte).",
+            ["alias", "adapter", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "loraloop_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token (streaming requests).",
+            ["alias", "adapter", "endpoint"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loraloop_prompt_tokens",
+            "Prompt tokens processed, as reported by vLLM.",
+            ["alias", "adapter"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "loraloop_completion_tokens",
+            "Completion tokens generated, as reported by vLLM.",
+            ["alias", "adapter"],
+            registry=r,
+        )
+        self.in_flight = Gauge("loraloop_requests_in_flight", "Requests currently being served.", ["alias"], registry=r)
+        self.backend_up = Gauge(
+            "loraloop_backend_up", "1 when a vLLM back-end passes its health check.", ["backend"], registry=r
+        )
+        self.backend_restarts = Counter(
+            "loraloop_backend_restarts",
+            "Restarts of a managed vLLM back-end after it died.",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_failures = Counter(
+            "loraloop_backend_failures",
+            "Forwarded requests that failed to reach a back-end (connect errors, timeouts).",
+            ["backend"],
+            registry=r,
+        )

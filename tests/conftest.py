@@ -1,0 +1,107 @@
+"""Shared fixtures: the tiny model and ONE real vLLM CPU server (managed by a real gateway) per test
+session — vLLM takes about a minute to start here, so every integration test shares it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from serving.settings import Settings
+
+API_KEY = "sk-live-test-key-42"
+ADMIN_KEY = "adm-live-test-key-42"
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LORALOOP_SHARED_DIR", REPO.parent / "shared"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from serving.model_prep import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@dataclass
+class LiveGateway:
+    """A gateway served by uvicorn in a thread, in front of its own managed vLLM."""
+
+    app: FastAPI
+    settings: Settings
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self, key: str | None = API_KEY, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
+
+
+def start_gateway(settings: Settings, model_path: str | None, *, wait_healthy_s: float = 600) -> LiveGateway:
+    from serving.app import build_app
+
+    app = build_app(settings, model_path=model_path, log_dir=settings.cache_dir / "logs")
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    live = LiveGateway(app, settings, f"http://127.0.0.1:{settings.port}", server, thread)
+    deadline = time.monotonic() + wait_healthy_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{live.url}/health", timeout=2).status_code == 200:
+                return live
+        except httpx.HTTPError:
+            pass
+        if not thread.is_alive():
+            break
+        time.sleep(1)
+    live.stop()
+    raise RuntimeError(f"gateway/vLLM did not become healthy; see {settings.cache_dir / 'logs'}")
+
+
+def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_cache_dir": str(cache),
+        "port": free_port(),
+        "api_key": API_KEY,
+        "admin_key": ADMIN_KEY,
+        "backends": {
+            "mode": "managed",
+            "health_interval_s": 1.0,
+            "managed": {"port": free_port(), "max_model_len": 1024, "startup_timeout_s": 600},
+        },
+        "aliases": {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}},
+    }
+    values.update(extra)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def live_gateway(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
+    settings = live_settings(tiny_model_dir, tmp_path_factory.mktemp("live-cache"))
+    live = start_gateway(settings, str(tiny_model_dir))
+    yield live
+    live.stop()

@@ -1,0 +1,31 @@
+"""The embedded default: the smollm2 preset is prepared without a hub and answers a chat request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.model_prep import ModelUnavailable, prepare_model
+from tests.conftest import live_settings, start_gateway
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_smollm2_preset_serves_real_answers(tmp_path: Path) -> None:
+    try:
+        model_dir = prepare_model("smollm2", tmp_path / "models")
+    except ModelUnavailable as exc:  # pragma: no cover - only without the wheel and without PyPI
+        pytest.skip(str(exc))
+    settings = live_settings(Path(model_dir), tmp_path, aliases={"assistant": {"defaults": {"temperature": 0.0}}})
+    live = start_gateway(settings, model_dir)
+    try:
+        with live.client() as c:
+            resp = c.post("/v1/chat/completions", json={
+                "model": "assistant", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            })  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        assert "Paris" in resp.json()["choices"][0]["message"]["content"]
+    finally:
+        live.stop()
