@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 
-from .backends import Backend, BackendPool
+from .adapter_checks import BaseModelInfo
+from .adapters import AdapterManager
+from .admin import router as admin_router
+from .backends import BackendPool
 from .errors import install_error_handlers
 from .managed import ManagedVLLM
 from .metrics import GatewayMetrics
@@ -44,24 +46,21 @@ def metrics_observer(metrics: GatewayMetrics) -> Callable[[RequestRecord], None]
     return observe
 
 
-def adapter_loader(settings: Settings, client: httpx.AsyncClient) -> Callable[[Backend], Awaitable[None]]:
-    """Join hook: load every configured adapter on a back-end before it takes traffic."""
-    headers = {}
-    if settings.backends.api_key:
-        headers["Authorization"] = f"Bearer {settings.backends.api_key.get_secret_value()}"
+def base_model_info(settings: Settings, model_path: str | None) -> BaseModelInfo | None:
+    """What adapters are checked against: the served base's config.json, when the gateway can read it
+    (a managed back-end, a preset, or a shared local path; a hub id is looked up in the local cache)."""
+    path = model_path or settings.model
+    names = [settings.model, settings.backends.served_model_name]
+    if Path(path).expanduser().is_dir():
+        return BaseModelInfo.from_model_dir(Path(path).expanduser(), extra_names=names)
+    try:
+        from huggingface_hub import hf_hub_download
 
-    async def load(backend: Backend) -> None:
-        for name, adapter in settings.adapters.items():
-            resp = await client.post(
-                f"{backend.url}/v1/load_lora_adapter",
-                json={"lora_name": name, "lora_path": str(adapter.path.expanduser().resolve())},
-                headers=headers,
-                timeout=120.0,
-            )
-            if resp.status_code != 200 and "already" not in resp.text:
-                raise RuntimeError(f"loading adapter {name!r} failed: HTTP {resp.status_code} {resp.text[:300]}")
-
-    return load
+        config = hf_hub_download(path, "config.json", local_files_only=True)
+        return BaseModelInfo.from_model_dir(Path(config).parent, extra_names=names)
+    except Exception:
+        logger.warning("the base model's config.json is not readable here: adapters cannot be registered")
+        return None
 
 
 def build_app(
@@ -71,9 +70,14 @@ def build_app(
     transport: httpx.AsyncBaseTransport | None = None,
     log_dir: Path | None = None,
 ) -> FastAPI:
-    """Create the gateway. ``model_path`` is the prepared base model for a managed back-end
-    (prepared on start-up when not given); ``transport`` lets tests put a fake vLLM behind it."""
+    """Create the gateway. ``model_path`` is the prepared base model (a managed back-end serves it;
+    adapters are checked against its config); ``transport`` lets tests put a fake vLLM behind it.
+    Raises AdapterRejected when a configured adapter fails its checks."""
     b = settings.backends
+    if b.mode == "managed" and model_path is None:
+        from .model_prep import prepare_model
+
+        model_path = prepare_model(settings.model, settings.cache_dir)
     metrics = GatewayMetrics()
     client = httpx.AsyncClient(
         transport=transport,
@@ -88,28 +92,27 @@ def build_app(
         health_interval_s=b.health_interval_s,
         health_timeout_s=b.health_timeout_s,
     )
-    pool.add_join_hook(adapter_loader(settings, client))
-    resolver = AliasResolver(settings)
+    adapters = AdapterManager(settings, pool, metrics, base_model_info(settings, model_path))
+    adapters.load_initial()
+    pool.add_join_hook(adapters.prepare_backend)
+    resolver = AliasResolver(settings, adapters)
     serving = OpenAIServing(settings, pool, resolver, observers=[metrics_observer(metrics)])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         managed: ManagedVLLM | None = None
-        if b.mode == "managed":
-            path = model_path
-            if path is None:
-                from .model_prep import prepare_model
-
-                path = await asyncio.to_thread(prepare_model, settings.model, settings.cache_dir)
+        if b.mode == "managed" and model_path is not None:
             managed = ManagedVLLM(
-                path, b.served_model_name, b.managed, pool, metrics, log_dir or settings.cache_dir / "logs"
-            )
+                model_path, b.served_model_name, b.managed, pool, metrics, log_dir or settings.cache_dir / "logs",
+                max_lora_rank=settings.max_lora_rank,
+            )  # fmt: skip
             managed.start()
         app.state.managed = managed
         pool.start()
         try:
             yield
         finally:
+            await adapters.wait_background()
             if managed is not None:
                 await managed.stop()
             await pool.stop()
@@ -120,8 +123,10 @@ def build_app(
     app.state.metrics = metrics
     app.state.pool = pool
     app.state.serving = serving
+    app.state.adapters = adapters
     app.state.created = int(time.time())
     app.state.managed = None
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     return app

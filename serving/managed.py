@@ -36,7 +36,9 @@ def detect_device(requested: str) -> str:
         return "cpu"
 
 
-def vllm_command(model: str, served_name: str, cfg: ManagedBackendConfig, device: str) -> list[str]:
+def vllm_command(
+    model: str, served_name: str, cfg: ManagedBackendConfig, device: str, max_lora_rank: int = 16
+) -> list[str]:
     """The vLLM OpenAI server command line for this machine (`python -m`, since the console
     script of the CPU build fails on its package metadata)."""
     cpu = device == "cpu"
@@ -49,7 +51,7 @@ def vllm_command(model: str, served_name: str, cfg: ManagedBackendConfig, device
         "--dtype", cfg.dtype or ("float32" if cpu else "auto"),
         "--gpu-memory-utilization", str(cfg.gpu_memory_utilization or (0.3 if cpu else 0.9)),
         "--enable-lora",
-        "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-lora-rank", str(max_lora_rank),
         "--max-loras", str(cfg.max_loras),
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
@@ -84,10 +86,11 @@ class ManagedVLLM:
         pool: BackendPool,
         metrics: GatewayMetrics,
         log_dir: Path,
+        max_lora_rank: int = 16,
     ) -> None:
         self.cfg = cfg
         self.device = detect_device(cfg.device)
-        self.command = vllm_command(model, served_name, cfg, self.device)
+        self.command = vllm_command(model, served_name, cfg, self.device, max_lora_rank)
         self.env = vllm_env(cfg, self.device)
         self.pool = pool
         self.metrics = metrics

@@ -63,3 +63,25 @@ class GatewayMetrics:
             ["backend"],
             registry=r,
         )
+        self.adapter_ops = Counter(
+            "loraloop_adapter_operations",
+            "Adapter loads and unloads on vLLM back-ends, by result.",
+            ["op", "result"],
+            registry=r,
+        )
+        self.adapter_op_duration = Histogram(
+            "loraloop_adapter_operation_duration_seconds",
+            "Duration of one adapter load or unload on one back-end.",
+            ["op"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "loraloop_adapters_loaded", "Adapters loaded on a back-end.", ["backend"], registry=r
+        )
+        self.alias_adapter = Gauge(
+            "loraloop_alias_adapter",
+            "1 for the adapter each alias points to now (`base` for the base model).",
+            ["alias", "adapter"],
+            registry=r,
+        )

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +15,7 @@ import anyio
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .adapters import AdapterManager
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -62,6 +63,7 @@ class RequestRecord:
     latency_s: float | None = None
     finish_reason: str | None = None
     texts: dict[int, list[str]] = field(default_factory=dict)
+    finished: bool = False
 
     @property
     def completion_text(self) -> str:
@@ -76,20 +78,31 @@ Observer = Callable[[RequestRecord], None]
 
 
 class AliasResolver:
-    """Maps a client-visible model name to its route. Later issues swap routes at runtime."""
+    """Maps a client-visible model name to its route; the adapter comes from the adapter manager, so
+    a repoint takes effect for the next request (and is counted in flight until the request ends)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, adapters: AdapterManager) -> None:
         self.settings = settings
+        self.adapters = adapters
 
     def names(self) -> list[str]:
         return list(self.settings.aliases)
 
-    def resolve(self, name: str) -> Route:
+    def check(self, name: str) -> AliasConfig:
         config = self.settings.aliases.get(name)
         if config is None:
             raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        target = config.adapter or self.settings.backends.served_model_name
-        return Route(alias=name, config=config, adapter=config.adapter, target_model=target)
+        return config
+
+    def resolve(self, name: str) -> Route:
+        """The route for one request; pair every call with `release`."""
+        config = self.check(name)
+        adapter = self.adapters.acquire(name)
+        target = adapter or self.settings.backends.served_model_name
+        return Route(alias=name, config=config, adapter=adapter, target_model=target)
+
+    def release(self, route: Route) -> None:
+        self.adapters.release(route.adapter)
 
 
 def apply_alias_template(endpoint: Endpoint, body: dict[str, Any], config: AliasConfig) -> None:
@@ -176,6 +189,22 @@ def _error_status(payload: str) -> int:
     return code if isinstance(code, int) and 400 <= code < 600 else 502
 
 
+class GuardedStreamingResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however the response ends — also when the client
+    is gone before the body generator ever started (its `finally` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
 class OpenAIServing:
     """Forwards OpenAI requests for aliases to the back-end pool."""
 
@@ -197,8 +226,9 @@ class OpenAIServing:
     async def create(
         self, endpoint: Endpoint, request: ChatCompletionRequest | CompletionRequest, user_header: str | None
     ) -> JSONResponse | StreamingResponse:
-        route = self.resolver.resolve(request.model)
+        self.resolver.check(request.model)
         body = request.model_dump(exclude_unset=True, mode="json")
+        route = self.resolver.resolve(request.model)
         apply_alias_template(endpoint, body, route.config)
         body["model"] = route.target_model
         stream = bool(request.stream)
@@ -238,8 +268,16 @@ class OpenAIServing:
             error = upstream_error(_error_status(first), first.encode(), backend.url)
             self._finish(record, error.status, error.message)
             return error.response(headers)
-        return StreamingResponse(
+
+        async def close_if_never_streamed() -> None:  # the client left before the first byte
+            if not record.finished:
+                backend.in_flight -= 1
+                self._finish(record, 499, "client closed the connection")
+                await resp.aclose()
+
+        return GuardedStreamingResponse(
             self._stream(record, backend, resp, first, events, request.wants_usage_in_stream),
+            on_close=close_if_never_streamed,
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -333,7 +371,8 @@ class OpenAIServing:
             raise
         finally:
             # bookkeeping first: under anyio a cancelled scope re-raises at every await
-            backend.in_flight -= 1
+            if not record.finished:
+                backend.in_flight -= 1
             self._finish(record, status, error)
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
@@ -372,6 +411,11 @@ class OpenAIServing:
             record.completion_tokens = usage.get("completion_tokens")
 
     def _finish(self, record: RequestRecord, status: int, error: str | None) -> None:
+        """Close the books on a request, exactly once."""
+        if record.finished:
+            return
+        record.finished = True
+        self.resolver.release(record.route)
         record.status, record.error = status, error
         record.latency_s = time.perf_counter() - record.started
         for observe in self.observers:

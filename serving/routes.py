@@ -60,7 +60,7 @@ async def list_models(request: Request, serving: ServingDep, _: ApiKey) -> dict[
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, serving: ServingDep, _: ApiKey) -> dict[str, Any]:
-    serving.resolver.resolve(model_id)  # 404 in OpenAI's shape when unknown
+    serving.resolver.check(model_id)  # 404 in OpenAI's shape when unknown
     return _model_card(request, model_id)
 
 

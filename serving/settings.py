@@ -82,7 +82,6 @@ class ManagedBackendConfig(_Strict):
         None, gt=0.0, le=1.0, description="vLLM --gpu-memory-utilization; default 0.3 on CPU, 0.9 on GPU."
     )
     max_model_len: int | None = Field(None, ge=16, description="vLLM --max-model-len (context length).")
-    max_lora_rank: int = Field(16, ge=1, description="vLLM --max-lora-rank: largest adapter rank accepted.")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters active in one batch.")
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line arguments.")
@@ -158,6 +157,17 @@ class Settings(BaseSettings):
     )
     adapters: dict[str, AdapterConfig] = Field(
         default_factory=dict, description="LoRA adapters by name, loaded on every back-end."
+    )
+    adapter_root: Path = Field(
+        Path("./adapters"),
+        description="Every adapter directory must lie under this root (relative adapter paths start here).",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, description="Largest adapter rank accepted (and vLLM --max-lora-rank of a managed back-end)."
+    )
+    state_dir: Path = Field(
+        Path("./.loraloop/state"),
+        description="Where runtime changes (registered adapters, alias pointers) are kept across restarts.",
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")

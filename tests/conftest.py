@@ -18,10 +18,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from serving.settings import Settings
+from tests.adapter_factory import make_label_adapter
 
 API_KEY = "sk-live-test-key-42"
 ADMIN_KEY = "adm-live-test-key-42"
 REPO = Path(__file__).resolve().parent.parent
+BASE_ALIASES: dict[str, Any] = {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}}
 SHARED = Path(os.environ.get("LORALOOP_SHARED_DIR", REPO.parent / "shared"))
 
 
@@ -37,6 +39,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from serving.model_prep import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter root holding two valid (untrained, zero-delta) adapters for the tiny base."""
+    root = tmp_path_factory.mktemp("adapters")
+    for name in ("support-v1", "support-v2"):
+        make_label_adapter(tiny_model_dir, root / name, "unused", rank=4, steps=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def label_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter root with two trained adapters: `alpha` and `bravo` answer their own name."""
+    root = tmp_path_factory.mktemp("label-adapters")
+    for label in ("alpha", "bravo"):
+        make_label_adapter(tiny_model_dir, root / label, label, rank=8, steps=60, seed=0)
+    return root
 
 
 @dataclass
@@ -93,15 +113,25 @@ def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:
             "health_interval_s": 1.0,
             "managed": {"port": free_port(), "max_model_len": 1024, "startup_timeout_s": 600},
         },
-        "aliases": {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}},
+        "aliases": BASE_ALIASES,
     }
     values.update(extra)
     return Settings(**values)
 
 
 @pytest.fixture(scope="session")
-def live_gateway(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
-    settings = live_settings(tiny_model_dir, tmp_path_factory.mktemp("live-cache"))
+def live_gateway(
+    tiny_model_dir: Path, label_adapters: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveGateway]:
+    cache = tmp_path_factory.mktemp("live-cache")
+    settings = live_settings(
+        tiny_model_dir,
+        cache,
+        adapter_root=str(label_adapters),
+        state_dir=str(cache / "state"),
+        adapters={"alpha": {"path": "alpha"}, "bravo": {"path": "bravo"}},
+        aliases={**BASE_ALIASES, "labeler": {"adapter": "alpha", "defaults": {"temperature": 0.0, "max_tokens": 8}}},
+    )
     live = start_gateway(settings, str(tiny_model_dir))
     yield live
     live.stop()

@@ -19,6 +19,7 @@ def build_fake_vllm(served: str = "base") -> FastAPI:
     app.state.received = []
     app.state.healthy = True
     app.state.adapters = set()
+    app.state.ops = []
     app.state.fail_next = None
 
     def _text(body: dict[str, Any]) -> str:
@@ -38,8 +39,28 @@ def build_fake_vllm(served: str = "base") -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request) -> JSONResponse:
         body = await request.json()
+        app.state.ops.append(("load", body["lora_name"]))
+        if body["lora_name"] in app.state.adapters:
+            msg = f"The lora adapter '{body['lora_name']}' has already been loaded."
+            return JSONResponse({"error": {"message": msg, "type": "BadRequestError", "code": 400}}, 400)
         app.state.adapters.add(body["lora_name"])
         return JSONResponse("ok")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(request: Request) -> JSONResponse:
+        body = await request.json()
+        app.state.ops.append(("unload", body["lora_name"]))
+        if body["lora_name"] not in app.state.adapters:
+            msg = f"The lora adapter '{body['lora_name']}' cannot be found."
+            return JSONResponse({"error": {"message": msg, "type": "NotFoundError", "code": 404}}, 404)
+        app.state.adapters.discard(body["lora_name"])
+        return JSONResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": served, "object": "model", "parent": None}]
+        data += [{"id": a, "object": "model", "parent": served} for a in sorted(app.state.adapters)]
+        return {"object": "list", "data": data}
 
     async def _generate(request: Request, chat: bool) -> Any:
         body = await request.json()

@@ -29,7 +29,7 @@ MSG = [{"role": "user", "content": "Is this review positive or negative? Great p
 
 def test_models(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["tiny", "tiny-greedy"]
+    assert ids[:2] == ["tiny", "tiny-greedy"]
     assert client.models.retrieve("tiny").id == "tiny"
 
 

@@ -16,15 +16,19 @@ from serving.settings import Settings
 from tests.fake_vllm import build_fake_vllm
 
 API_KEY = "sk-unit-test-key-0001"
+ADMIN_KEY = "adm-unit-test-key-0001"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def make_settings(tmp_path: Path, **extra: Any) -> Settings:
+def make_settings(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, **extra: Any) -> Settings:
     values: dict[str, Any] = {
-        "model": "tiny",
+        "model": str(tiny_model_dir),
         "api_key": API_KEY,
+        "admin_key": ADMIN_KEY,
+        "adapter_root": str(adapter_root),
+        "state_dir": str(tmp_path / "state"),
         "backends": {"mode": "remote", "urls": ["http://fake-a", "http://fake-b"]},
-        "adapters": {"support-v1": {"path": str(tmp_path)}},
+        "adapters": {"support-v1": {"path": "support-v1"}},
         "aliases": {
             "plain": {},
             "support": {
@@ -50,9 +54,10 @@ class Gateway:
 
 
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+async def gw(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> AsyncIterator[Gateway]:
     fake = build_fake_vllm()
-    app = build_app(make_settings(tmp_path), transport=httpx.ASGITransport(app=fake))
+    settings = make_settings(tmp_path, tiny_model_dir, adapter_root)
+    app = build_app(settings, transport=httpx.ASGITransport(app=fake))
     await app.state.pool.check_all()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=AUTH) as client:
@@ -201,8 +206,9 @@ async def test_backend_down_is_503_and_recovers(gw: Gateway) -> None:
     assert (await gw.client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
-async def test_unreachable_backend_is_503(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, backends={"mode": "remote", "urls": ["http://127.0.0.1:9"]})
+async def test_unreachable_backend_is_503(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> None:
+    remote = {"mode": "remote", "urls": ["http://127.0.0.1:9"]}
+    settings = make_settings(tmp_path, tiny_model_dir, adapter_root, backends=remote)
     app = build_app(settings)
     await app.state.pool.check_all()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=AUTH) as c:

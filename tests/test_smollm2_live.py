@@ -6,17 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from serving.model_prep import ModelUnavailable, prepare_model
+from serving.model_prep import prepare_model
 from tests.conftest import live_settings, start_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_smollm2_preset_serves_real_answers(tmp_path: Path) -> None:
-    try:
-        model_dir = prepare_model("smollm2", tmp_path / "models")
-    except ModelUnavailable as exc:  # pragma: no cover - only without the wheel and without PyPI
-        pytest.skip(str(exc))
+    model_dir = prepare_model("smollm2", tmp_path / "models")  # must work offline: the PyPI wheel route
     settings = live_settings(Path(model_dir), tmp_path, aliases={"assistant": {"defaults": {"temperature": 0.0}}})
     live = start_gateway(settings, model_dir)
     try:
