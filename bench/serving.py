@@ -95,28 +95,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny (default), smollm2 or a model directory")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per side")
+    parser.add_argument("--rounds", type=int, default=6, help="paired rounds (direct, gateway) per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         proc, gateway, direct = start_gateway(args.model, Path(tmp))
         try:
-            print(f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'ratio':>6} {'added p50 TTFT':>15}")
+            print(f"{'conc':>4} {'ratio':>6} {'range':>13} {'added p50 TTFT':>13}  (median over paired rounds)")
             for conc in (int(c) for c in args.concurrency.split(",")):
                 requests = max(8, conc * 4)
                 asyncio.run(round_(direct, "base", conc, conc, 8))  # warm-up both paths
                 asyncio.run(round_(gateway, "bench", conc, conc, 8))
-                d_tps, g_tps, d_ttft, g_ttft = [], [], [], []
-                for _ in range(args.rounds):
-                    tps, ttft = asyncio.run(round_(direct, "base", conc, requests, args.max_tokens))
-                    d_tps.append(tps)
-                    d_ttft.append(ttft)
-                    tps, ttft = asyncio.run(round_(gateway, "bench", conc, requests, args.max_tokens))
-                    g_tps.append(tps)
-                    g_ttft.append(ttft)
-                d, g = statistics.median(d_tps), statistics.median(g_tps)
-                added_ms = (statistics.median(g_ttft) - statistics.median(d_ttft)) * 1000
-                print(f"{conc:>4} {d:>13.1f} {g:>14.1f} {g / d:>6.3f} {added_ms:>12.2f} ms", flush=True)
+                ratios, added = [], []
+                for r in range(args.rounds):
+                    # paired rounds, alternating which side goes first, so drift and noise cancel out
+                    order = [("direct", direct, "base"), ("gateway", gateway, "bench")]
+                    if r % 2:
+                        order.reverse()
+                    got = {name: asyncio.run(round_(url, model, conc, requests, args.max_tokens))
+                           for name, url, model in order}  # fmt: skip
+                    ratios.append(got["gateway"][0] / got["direct"][0])
+                    added.append((got["gateway"][1] - got["direct"][1]) * 1000)
+                ratio, added_ms = statistics.median(ratios), statistics.median(added)
+                print(
+                    f"{conc:>4} {ratio:>6.3f} {min(ratios):>6.3f}-{max(ratios):<6.3f} {added_ms:>10.2f} ms", flush=True
+                )
             print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -64,14 +64,27 @@ class RequestRecord:
     finish_reason: str | None = None
     texts: dict[int, list[str]] = field(default_factory=dict)
     finished: bool = False
+    #: raw stream chunks passed through without parsing; parsed in one go when the text is asked for
+    stream_chunks: list[str] = field(default_factory=list)
 
     @property
     def completion_text(self) -> str:
+        self._parse_stream_chunks()
         return "".join(self.texts.get(0, []))
 
     def add_text(self, index: int, text: str | None) -> None:
         if text:
             self.texts.setdefault(index, []).append(text)
+
+    def _parse_stream_chunks(self) -> None:
+        if not self.stream_chunks:
+            return
+        chunks, self.stream_chunks = json.loads("[" + ",".join(self.stream_chunks) + "]"), []
+        for chunk in chunks:
+            for choice in chunk.get("choices") or []:
+                part = choice.get("text") if self.endpoint == "completions" else (choice.get("delta") or {})
+                self.add_text(choice.get("index", 0), part if isinstance(part, str) else part.get("content"))
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
 
 Observer = Callable[[RequestRecord], None]
@@ -189,6 +202,68 @@ def _error_status(payload: str) -> int:
     return code if isinstance(code, int) and 400 <= code < 600 else 502
 
 
+def _take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
+    if usage:
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.completion_tokens = usage.get("completion_tokens")
+
+
+class _ChunkRewriter:
+    """Puts loraloop's id and the alias into vLLM's stream chunks.
+
+    vLLM serialises every chunk of a stream with the same prefix (`{"id":..,"object":..,"created":..,
+    "model":..`), so the common case is a string splice; a chunk is parsed only when it carries usage or
+    nulls the OpenAI schema does not allow. The text is recovered from the raw chunks after the stream.
+    """
+
+    _SLOW_MARKERS = ('"usage":{', '"tool_calls":null', '"function_call":null', '"annotations":null')
+
+    def __init__(self, record: RequestRecord, client_wants_usage: bool) -> None:
+        self.record = record
+        self.client_wants_usage = client_wants_usage
+        self.prefix: str | None = None
+        self.replacement = ""
+        self.content_marker = '"text":"' if record.endpoint == "completions" else '"delta":{"content":"'
+
+    def __call__(self, payload: str) -> str | None:
+        record = self.record
+        if record.ttft_s is None and self.content_marker in payload:
+            record.ttft_s = time.perf_counter() - record.started
+        if (
+            self.prefix is not None
+            and payload.startswith(self.prefix)
+            and not any(m in payload for m in self._SLOW_MARKERS)
+        ):
+            record.stream_chunks.append(payload)
+            return self.replacement + payload[len(self.prefix) :]
+        return self._slow(payload)
+
+    def _slow(self, payload: str) -> str | None:
+        record = self.record
+        chunk = json.loads(payload)
+        if self.prefix is None:
+            head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
+            prefix = json.dumps(head, separators=(",", ":"))[:-1]
+            if payload.startswith(prefix):
+                self.prefix = prefix
+                head["id"], head["model"] = record.request_id, record.route.alias
+                self.replacement = json.dumps(head, separators=(",", ":"))[:-1]
+        chunk["id"], chunk["model"] = record.request_id, record.route.alias
+        choices = chunk.get("choices") or []
+        if record.ttft_s is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
+            record.ttft_s = time.perf_counter() - record.started
+        if chunk.get("usage"):
+            _take_usage(record, chunk["usage"])
+            if not choices and not self.client_wants_usage:
+                return None
+        if not self.client_wants_usage:
+            chunk.pop("usage", None)
+        out = json.dumps(drop_spec_nulls(chunk), separators=(",", ":"))
+        if choices:
+            record.stream_chunks.append(out)
+        return out
+
+
 class GuardedStreamingResponse(StreamingResponse):
     """A streaming response that runs `on_close` however the response ends — also when the client
     is gone before the body generator ever started (its `finally` would then never run)."""
@@ -229,6 +304,7 @@ class OpenAIServing:
         self.resolver.check(request.model)
         body = request.model_dump(exclude_unset=True, mode="json")
         route = self.resolver.resolve(request.model)
+        self.pool.metrics.in_flight.labels(route.alias).inc()
         apply_alias_template(endpoint, body, route.config)
         body["model"] = route.target_model
         stream = bool(request.stream)
@@ -349,6 +425,7 @@ class OpenAIServing:
         client_wants_usage: bool,
     ) -> AsyncIterator[bytes]:
         status, error = 200, None
+        rewrite = _ChunkRewriter(record, client_wants_usage)
         try:
             payload = first
             while payload is not None:
@@ -358,9 +435,9 @@ class OpenAIServing:
                     status, error = _error_status(payload), payload
                     yield f"data: {payload}\n\n".encode()
                 else:
-                    chunk = self._rewrite_chunk(record, json.loads(payload), client_wants_usage)
-                    if chunk is not None:
-                        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+                    out = rewrite(payload)
+                    if out is not None:
+                        yield b"data: " + out.encode() + b"\n\n"
                 payload = await anext(events, None)
         except httpx.HTTPError as exc:
             status, error = 502, f"back-end stream broke: {exc}"
@@ -377,38 +454,10 @@ class OpenAIServing:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
 
-    def _rewrite_chunk(
-        self, record: RequestRecord, chunk: dict[str, Any], client_wants_usage: bool
-    ) -> dict[str, Any] | None:
-        """loraloop's id and the alias as model; the usage chunk only when the client asked for it."""
-        chunk["id"], chunk["model"] = record.request_id, record.route.alias
-        choices = chunk.get("choices") or []
-        if chunk.get("usage"):
-            self._take_usage(record, chunk["usage"])
-            if not choices and not client_wants_usage:
-                return None
-        if not client_wants_usage:
-            chunk.pop("usage", None)
-        self._take_stream_choices(record, choices)
-        return drop_spec_nulls(chunk)
-
     # --- bookkeeping -----------------------------------------------------------------------------
-    def _take_stream_choices(self, record: RequestRecord, choices: list[dict[str, Any]]) -> None:
-        for choice in choices:
-            text = (
-                choice.get("text") if record.endpoint == "completions" else (choice.get("delta") or {}).get("content")
-            )
-            if text and record.ttft_s is None:
-                record.ttft_s = time.perf_counter() - record.started
-            record.add_text(choice.get("index", 0), text)
-            if choice.get("finish_reason"):
-                record.finish_reason = choice["finish_reason"]
-
     @staticmethod
     def _take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
-        if usage:
-            record.prompt_tokens = usage.get("prompt_tokens")
-            record.completion_tokens = usage.get("completion_tokens")
+        _take_usage(record, usage)
 
     def _finish(self, record: RequestRecord, status: int, error: str | None) -> None:
         """Close the books on a request, exactly once."""
@@ -416,6 +465,7 @@ class OpenAIServing:
             return
         record.finished = True
         self.resolver.release(record.route)
+        self.pool.metrics.in_flight.labels(record.route.alias).dec()
         record.status, record.error = status, error
         record.latency_s = time.perf_counter() - record.started
         for observe in self.observers:

@@ -123,4 +123,4 @@ def build_fake_vllm(served: str = "base") -> FastAPI:
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()  # compact, like vLLM

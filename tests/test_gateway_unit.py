@@ -249,4 +249,18 @@ async def test_metrics_are_labelled(gw: Gateway) -> None:
     assert 'loraloop_requests_total{adapter="support-v1",alias="support",endpoint="chat",status="200"} 1.0' in text
     assert 'loraloop_completion_tokens_total{adapter="base",alias="plain"}' in text
     assert "loraloop_time_to_first_token_seconds_bucket" in text
+    assert 'loraloop_requests_in_flight{alias="plain"} 0.0' in text
     assert 'loraloop_backend_up{backend="http://fake-a"} 1.0' in text
+
+
+async def test_stream_text_is_recorded_for_observers(gw: Gateway) -> None:
+    seen = []
+    gw.app.state.serving.observers.append(seen.append)
+    body = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "alpha bravo charlie"}]}
+    resp = await gw.client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200
+    record = seen[-1]
+    assert record.completion_text == "echo alpha bravo charlie"
+    assert record.finish_reason == "stop" and record.completion_tokens == 4 and record.ttft_s is not None
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in _events(resp.text)[:-1] if c["choices"])
+    assert streamed == record.completion_text

@@ -1,0 +1,108 @@
+"""Memory of a vLLM server across adapter load/unload cycles (vLLM#54839, #42207 report leaks).
+
+Starts the gateway with a managed vLLM (tiny model), then N times registers an adapter (vLLM load)
+and unregisters it (vLLM unload), sampling the resident memory (RSS and USS) of the whole vLLM
+process family after each cycle. Prints the growth per cycle from a least-squares fit.
+Run: `python bench/adapter_memory.py [--cycles 50] [--distinct]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.serving import KEY, free_port
+
+ADMIN = "adm-bench-key-0001"
+
+
+def family_memory(gateway_pid: int) -> tuple[float, float]:
+    """(RSS, USS) in MiB of every vLLM process under the gateway."""
+    rss = uss = 0.0
+    for p in psutil.Process(gateway_pid).children(recursive=True):
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        uss += info.uss
+    return rss / 2**20, uss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--distinct", action="store_true", help="a new adapter name every cycle")
+    args = parser.parse_args()
+
+    from serving.model_prep import build_tiny
+    from tests.adapter_factory import make_label_adapter
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = build_tiny(tmp / "tiny")
+        make_label_adapter(base, tmp / "adapters" / "cycler", "alpha", rank=16, steps=5)
+        port, vport = free_port(), free_port()
+        cfg = tmp / "bench.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "model": str(base), "port": port, "log_level": "warning", "adapter_root": str(tmp / "adapters"),
+            "state_dir": str(tmp / "state"), "model_cache_dir": str(tmp / "cache"),
+            "backends": {"health_interval_s": 1.0, "managed": {"port": vport, "max_model_len": 512}},
+            "aliases": {"base": {}},
+        }))  # fmt: skip
+        env = {**os.environ, "LORALOOP_API_KEY": KEY, "LORALOOP_ADMIN_KEY": ADMIN}
+        log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"],
+                                env=env, stdout=log, stderr=log)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+            user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+            body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            user.post("/v1/chat/completions", json=body).raise_for_status()
+            time.sleep(2)
+            rss0, uss0 = family_memory(proc.pid)
+            samples = []
+            for i in range(args.cycles):
+                name = f"cycler-{i}" if args.distinct else "cycler"
+                admin.post("/admin/adapters", json={"name": name, "path": "cycler"}).raise_for_status()
+                admin.delete(f"/admin/adapters/{name}").raise_for_status()
+                samples.append(family_memory(proc.pid))
+            rss = np.array([s[0] for s in samples])
+            uss = np.array([s[1] for s in samples])
+            x = np.arange(1, args.cycles + 1)
+            rss_slope = np.polyfit(x, rss, 1)[0]
+            uss_slope = np.polyfit(x, uss, 1)[0]
+            print(f"{args.cycles} load/unload cycles ({'distinct names' if args.distinct else 'same name'}):")
+            print(
+                f"  RSS {rss0:.0f} -> {rss[-1]:.0f} MiB ({rss[-1] - rss0:+.1f}), fit {rss_slope * 1024:+.0f} KiB/cycle"
+            )
+            print(
+                f"  USS {uss0:.0f} -> {uss[-1]:.0f} MiB ({uss[-1] - uss0:+.1f}), fit {uss_slope * 1024:+.0f} KiB/cycle"
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()
