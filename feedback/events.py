@@ -1,0 +1,133 @@
+"""The events the gateway (and the admin tools) write to the store."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FeedbackKind = Literal["thumbs", "score", "label", "correction", "comment", "regenerate", "copy"]
+FeedbackSource = Literal["user", "annotator", "automatic"]
+
+_INT32 = 2**31 - 1
+_THUMBS_UP = {"up", "+1", "1", "true", "yes", "good", "👍"}
+_THUMBS_DOWN = {"down", "-1", "0", "false", "no", "bad", "👎"}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh random id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ts: datetime = Field(default_factory=utcnow, description="When it happened (UTC; naive values are UTC).")
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return _as_utc(value)
+
+
+class RequestEvent(_Event):
+    """One completed (or failed, or cut-off) generation request, logged once when it ends."""
+
+    request_id: str = Field(min_length=1, description="Unique id of this generation (gateway-generated).")
+    alias: str = Field(description="Client-visible model name the request asked for.")
+    endpoint: Literal["chat", "completions"] = Field(description="Which OpenAI endpoint served it.")
+    experiment_id: str | None = Field(default=None, description="Experiment the request was part of, if any.")
+    arm: str | None = Field(default=None, description="Arm of that experiment that served it.")
+    adapter: str | None = Field(default=None, description="LoRA adapter that served it; None = the base model.")
+    user: str | None = Field(default=None, description="The OpenAI `user` field or the user header.")
+    messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages as sent to the model.")
+    prompt: str | None = Field(default=None, description="Prompt of a completions request.")
+    completion: str | None = Field(default=None, description="Generated text (what was streamed before a cut-off).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Sampling parameters actually used.")
+    prompt_tokens: int | None = Field(default=None, ge=0, le=_INT32, description="Prompt length in tokens.")
+    completion_tokens: int | None = Field(default=None, ge=0, le=_INT32, description="Completion length in tokens.")
+    latency_ms: float = Field(ge=0, description="Time from request received to last byte sent.")
+    ttft_ms: float | None = Field(default=None, ge=0, description="Time to first token (streaming).")
+    status: int = Field(ge=0, le=999, description="HTTP status returned (499 when the client went away).")
+    error: str | None = Field(default=None, description="Error message, if the request failed.")
+    stream: bool = Field(default=False, description="Whether the response was streamed.")
+    finish_reason: str | None = Field(default=None, description="`stop`, `length`, ..., or None when cut off.")
+    replica: str = Field(description="Gateway replica that served it.")
+
+
+class FeedbackEvent(_Event):
+    """Feedback about one request. ``feedback_id`` makes client retries idempotent.
+
+    ``value`` is normalised by ``kind``: thumbs → bool (True = up), score → float, label /
+    correction / comment → str; regenerate and copy take any value (usually None).
+    """
+
+    feedback_id: str = Field(default_factory=new_id, min_length=1, description="Client-supplied or generated.")
+    request_id: str = Field(min_length=1, description="Request the feedback is about (may not be logged yet).")
+    kind: FeedbackKind = Field(description="What sort of feedback this is.")
+    value: float | str | bool | None = Field(default=None, description="The feedback itself, see the class docs.")
+    user: str | None = Field(default=None, description="Who gave it.")
+    source: FeedbackSource = Field(default="user", description="A user, an annotator or an automatic signal.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free metadata (label, task, slice...).")
+
+    @model_validator(mode="after")
+    def _normalise_value(self) -> FeedbackEvent:
+        value = self.value
+        if self.kind == "thumbs":
+            if isinstance(value, bool):
+                return self
+            text = str(value).strip().lower() if value is not None else ""
+            if isinstance(value, int | float) and value in (1, -1, 0):
+                text = "1" if value == 1 else "0"
+            if text in _THUMBS_UP:
+                self.value = True
+            elif text in _THUMBS_DOWN:
+                self.value = False
+            else:
+                raise ValueError("thumbs feedback needs a value of true/false, up/down or 1/-1")
+        elif self.kind == "score":
+            if isinstance(value, bool) or value is None:
+                raise ValueError("score feedback needs a numeric value")
+            try:
+                self.value = float(value)
+            except ValueError:
+                raise ValueError("score feedback needs a numeric value") from None
+        elif self.kind in ("label", "correction", "comment") and (not isinstance(value, str) or not value):
+            raise ValueError(f"{self.kind} feedback needs a non-empty string value")
+        return self
+
+
+class AssignmentEvent(_Event):
+    """A user (or an anonymous request) was exposed to an arm of an experiment."""
+
+    event_id: str = Field(default_factory=new_id, description="Unique id (deduplication key).")
+    experiment_id: str = Field(description="The experiment.")
+    alias: str = Field(description="Alias the experiment runs on.")
+    arm: str = Field(description="The arm the user was assigned to.")
+    user: str | None = Field(default=None, description="The user; None for per-request random assignment.")
+    request_id: str | None = Field(default=None, description="The request that caused the exposure.")
+
+
+class AdapterChangeEvent(_Event):
+    """An alias started to be served by another adapter (or by the base model)."""
+
+    event_id: str = Field(default_factory=new_id, description="Unique id (deduplication key).")
+    alias: str = Field(description="The alias that changed.")
+    adapter: str | None = Field(description="The adapter now serving it; None = base model.")
+    previous: str | None = Field(default=None, description="The adapter that served it before.")
+    actor: str = Field(description="Who or what made the change (admin API, promotion job...).")
+    reason: str = Field(default="", description="Why.")
+
+
+StreamEvent = RequestEvent | AssignmentEvent | AdapterChangeEvent
