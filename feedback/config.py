@@ -69,6 +69,12 @@ class StoreConfig(BaseModel):
     experiments_refresh_s: float = Field(
         default=2.0, gt=0, description="How stale a gateway's cached view of the experiments may become."
     )
+    durable_requests: bool = Field(
+        default=True,
+        description="Make each request event durable (group-committed fsync) before the response's last byte "
+        "(the final `[DONE]` of a stream), so a request a client saw complete is never lost to a crash. "
+        "Off: request events are written within flush_interval_s, after the response.",
+    )
     export_lag_s: float = Field(
         default=30.0,
         ge=0,

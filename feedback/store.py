@@ -236,6 +236,11 @@ class EventStore:
 
     # --- feedback ----------------------------------------------------------------------------------
 
+    def served_alias(self, request_id: str) -> str | None:
+        """The alias of a request this writer served recently (None when unknown here)."""
+        served = self._recent.get(request_id)
+        return served[0] if served is not None else None
+
     def write_feedback(
         self, fb: FeedbackEvent, *, log_text: bool = True, alias: str | None = None, arm: str | None = None
     ) -> tuple[FeedbackEvent, bool]:

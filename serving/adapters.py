@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ class AdapterManager:
         self._adapter_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._alias_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._background: set[asyncio.Task[None]] = set()
+        self._loading: set[str] = set()
+        #: adapters used beyond alias pointers (experiment arms), supplied by the app
+        self.extra_in_use: Callable[[], set[str]] = set
+        #: called after every repoint with (alias, adapter, previous)
+        self.on_change: list[Callable[[str, str | None, str | None], None]] = []
         headers = {}
         if settings.backends.api_key:
             headers["Authorization"] = f"Bearer {settings.backends.api_key.get_secret_value()}"
@@ -86,12 +92,37 @@ class AdapterManager:
         return validate_adapter(path, root=self.root, base=self.base, max_rank=self.settings.max_lora_rank)
 
     # --- the request path ------------------------------------------------------------------------
-    def acquire(self, alias: str) -> str | None:
-        """The adapter serving `alias` now, counted as in flight until `release`."""
-        adapter = self.routes[alias]
+    def acquire(self, adapter: str | None) -> str | None:
+        """Count a request on `adapter` as in flight until `release`."""
         if adapter is not None:
             self.in_flight[adapter] += 1
         return adapter
+
+    def ready(self, adapter: str) -> bool:
+        """Registered and loaded on every healthy back-end: safe to route to."""
+        if adapter not in self.adapters:
+            return False
+        healthy = [b for b in self.pool.backends if b.healthy]
+        return all(adapter in self.loaded.get(b.url, set()) for b in healthy)
+
+    def load_soon(self, adapter: str) -> None:
+        """Load a registered adapter everywhere in the background (an experiment another replica
+        created names it); requests keep their default route until it is ready."""
+        if adapter in self.adapters and adapter not in self._loading:
+            self._loading.add(adapter)
+
+            async def load() -> None:
+                try:
+                    async with self._adapter_locks[adapter]:
+                        await self._load_everywhere(adapter)
+                except OpenAIError as exc:
+                    logger.warning("background load of %s failed: %s", adapter, exc.message)
+                finally:
+                    self._loading.discard(adapter)
+
+            task = asyncio.create_task(load())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def release(self, adapter: str | None) -> None:
         if adapter is None:
@@ -108,8 +139,9 @@ class AdapterManager:
             self._drained.notify_all()
 
     def in_use(self) -> set[str]:
-        """Adapters that aliases point to: what every back-end must have loaded."""
-        return {a for a in self.routes.values() if a is not None}
+        """Adapters that aliases point to or running experiments use: what every back-end must have."""
+        used = {a for a in self.routes.values() if a is not None}
+        return used | (self.extra_in_use() & set(self.adapters))
 
     # --- back-end operations ---------------------------------------------------------------------
     async def _call(self, backend: Backend, op: str, name: str) -> None:
@@ -152,6 +184,11 @@ class AdapterManager:
                 except (httpx.HTTPError, RuntimeError):
                     logger.warning("could not roll back %s on %s", name, backend.url)
             raise OpenAIError(502, str(exc), code="adapter_load_failed") from exc
+
+    async def ensure_loaded(self, name: str) -> None:
+        """Load a registered adapter on every healthy back-end that lacks it."""
+        async with self._adapter_locks[name]:
+            await self._load_everywhere(name)
 
     async def prepare_backend(self, backend: Backend) -> None:
         """Join hook: a (re)started back-end has nothing loaded; give it every adapter in use."""
@@ -207,6 +244,8 @@ class AdapterManager:
             self.routes[alias] = adapter  # the switch: atomic for every request resolved after this line
             self._publish_route(alias, previous, adapter)
             self._write_state()
+            for notify in self.on_change:
+                notify(alias, adapter, previous)
         logger.info("alias %s now points to %s (was %s)", alias, adapter or "the base", previous or "the base")
         if previous is not None and previous != adapter and previous not in self.in_use():
             task = asyncio.create_task(self._unload_when_drained(previous))

@@ -8,14 +8,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import httpx
 from fastapi import FastAPI
+
+from feedback.experiments import ExperimentRepo
+from feedback.store import EventStore
 
 from .adapter_checks import BaseModelInfo
 from .adapters import AdapterManager
 from .admin import router as admin_router
 from .backends import BackendPool
 from .errors import install_error_handlers
+from .experiments_api import router as experiments_router
+from .feedback_api import adapter_change_logger, request_event_observer
+from .feedback_api import router as feedback_router
 from .managed import ManagedVLLM
 from .metrics import GatewayMetrics
 from .openai_serving import AliasResolver, OpenAIServing, RequestRecord
@@ -92,11 +99,24 @@ def build_app(
         health_interval_s=b.health_interval_s,
         health_timeout_s=b.health_timeout_s,
     )
+    store = EventStore(settings.store, writer_id=settings.replica_id, registry=metrics.registry)
+    experiments = ExperimentRepo(settings.store.root, refresh_s=settings.store.experiments_refresh_s)
     adapters = AdapterManager(settings, pool, metrics, base_model_info(settings, model_path))
+    adapters.extra_in_use = lambda: {
+        arm.adapter for exp in experiments.list() if exp.is_active() for arm in exp.arms if arm.adapter
+    }
+    adapters.on_change.append(adapter_change_logger(store))
     adapters.load_initial()
     pool.add_join_hook(adapters.prepare_backend)
-    resolver = AliasResolver(settings, adapters)
-    serving = OpenAIServing(settings, pool, resolver, observers=[metrics_observer(metrics)])
+    resolver = AliasResolver(settings, adapters, experiments)
+    observers = [metrics_observer(metrics), request_event_observer(store, settings)]
+    serving = OpenAIServing(settings, pool, resolver, observers=observers)
+    if settings.store.durable_requests:
+
+        async def commit() -> None:
+            await anyio.to_thread.run_sync(store.flush)
+
+        serving.commit = commit
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +128,7 @@ def build_app(
             )  # fmt: skip
             managed.start()
         app.state.managed = managed
+        store.start()  # recovers and seals what a crashed predecessor left
         pool.start()
         try:
             yield
@@ -117,6 +138,7 @@ def build_app(
                 await managed.stop()
             await pool.stop()
             await client.aclose()
+            store.close()  # flushes and seals everything accepted
 
     app = FastAPI(title="loraloop gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -124,9 +146,13 @@ def build_app(
     app.state.pool = pool
     app.state.serving = serving
     app.state.adapters = adapters
+    app.state.store = store
+    app.state.experiments = experiments
     app.state.created = int(time.time())
     app.state.managed = None
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(feedback_router)
+    app.include_router(experiments_router)
     return app

@@ -31,6 +31,9 @@ def _type_name(annotation: Any) -> str:
 
 
 def _default(field: Any) -> str:
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and "doc_default" in extra:
+        return f"({extra['doc_default']})"
     if field.default_factory is not None:
         try:
             value = field.default_factory()

@@ -15,6 +15,8 @@ import anyio
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from feedback.experiments import Arm, Experiment, ExperimentRepo
+
 from .adapters import AdapterManager
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
@@ -29,6 +31,8 @@ _ID_PREFIX: dict[Endpoint, str] = {"chat": "chatcmpl-", "completions": "cmpl-"}
 _DEFAULTED = ("temperature", "top_p", "max_tokens")
 
 ADAPTER_HEADER = "x-loraloop-adapter"
+ARM_HEADER = "x-loraloop-arm"
+EXPERIMENT_HEADER = "x-loraloop-experiment"
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -40,6 +44,8 @@ class Route:
     config: AliasConfig
     adapter: str | None  # LoRA name, None for the base
     target_model: str  # what vLLM is asked for
+    experiment: Experiment | None = None  # the running experiment that assigned the arm
+    arm: Arm | None = None
 
 
 @dataclass
@@ -91,12 +97,14 @@ Observer = Callable[[RequestRecord], None]
 
 
 class AliasResolver:
-    """Maps a client-visible model name to its route; the adapter comes from the adapter manager, so
-    a repoint takes effect for the next request (and is counted in flight until the request ends)."""
+    """Maps a client-visible model name to its route: the arm of a running experiment on the alias
+    (sticky per user), else the adapter the alias points to. The adapter is counted in flight until
+    the request ends, so a repoint never unloads an adapter under a running request."""
 
-    def __init__(self, settings: Settings, adapters: AdapterManager) -> None:
+    def __init__(self, settings: Settings, adapters: AdapterManager, experiments: ExperimentRepo | None) -> None:
         self.settings = settings
         self.adapters = adapters
+        self.experiments = experiments
 
     def names(self) -> list[str]:
         return list(self.settings.aliases)
@@ -107,12 +115,20 @@ class AliasResolver:
             raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
         return config
 
-    def resolve(self, name: str) -> Route:
+    def resolve(self, name: str, user: str | None = None) -> Route:
         """The route for one request; pair every call with `release`."""
         config = self.check(name)
-        adapter = self.adapters.acquire(name)
+        adapter, experiment, arm = self.adapters.routes[name], None, None
+        assigned = self.experiments.assign(name, user) if self.experiments is not None else None
+        if assigned is not None:
+            exp, chosen = assigned
+            if chosen.adapter is None or self.adapters.ready(chosen.adapter):
+                adapter, experiment, arm = chosen.adapter, exp, chosen
+            else:  # not loaded here yet (created on another replica): default route meanwhile
+                self.adapters.load_soon(chosen.adapter)
+        self.adapters.acquire(adapter)
         target = adapter or self.settings.backends.served_model_name
-        return Route(alias=name, config=config, adapter=adapter, target_model=target)
+        return Route(name, config, adapter, target, experiment, arm)
 
     def release(self, route: Route) -> None:
         self.adapters.release(route.adapter)
@@ -294,6 +310,8 @@ class OpenAIServing:
         self.pool = pool
         self.resolver = resolver
         self.observers: list[Observer] = observers or []
+        #: awaited after a request's observers ran and before its response completes (durable logging)
+        self.commit: Callable[[], Awaitable[None]] | None = None
         key = settings.backends.api_key
         self._upstream_headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
 
@@ -303,7 +321,8 @@ class OpenAIServing:
     ) -> JSONResponse | StreamingResponse:
         self.resolver.check(request.model)
         body = request.model_dump(exclude_unset=True, mode="json")
-        route = self.resolver.resolve(request.model)
+        user = request.user or user_header
+        route = self.resolver.resolve(request.model, user)
         self.pool.metrics.in_flight.labels(route.alias).inc()
         apply_alias_template(endpoint, body, route.config)
         body["model"] = route.target_model
@@ -315,7 +334,7 @@ class OpenAIServing:
             endpoint=endpoint,
             route=route,
             body=body,
-            user=request.user or user_header,
+            user=user,
             stream=stream,
         )
         try:
@@ -324,6 +343,9 @@ class OpenAIServing:
             self._finish(record, exc.status, exc.message)
             raise
         headers = {REQUEST_ID_HEADER: record.request_id, ADAPTER_HEADER: route.adapter or "base"}
+        if route.arm is not None and route.experiment is not None:
+            headers[ARM_HEADER] = route.arm.name
+            headers[EXPERIMENT_HEADER] = route.experiment.id
         if resp.status_code >= 400:
             payload = await resp.aread()
             await self._release(backend, resp)
@@ -413,6 +435,7 @@ class OpenAIServing:
             record.add_text(choice.get("index", 0), text)
             record.finish_reason = record.finish_reason or choice.get("finish_reason")
         self._finish(record, 200, None)
+        await self._commit()
         return JSONResponse(data, headers=headers)
 
     async def _stream(
@@ -430,6 +453,10 @@ class OpenAIServing:
             payload = first
             while payload is not None:
                 if payload == "[DONE]":
+                    if not record.finished:
+                        backend.in_flight -= 1
+                        self._finish(record, status, error)
+                        await self._commit()  # the event is durable before the client sees the end
                     yield b"data: [DONE]\n\n"
                 elif payload.startswith('{"error"'):
                     status, error = _error_status(payload), payload
@@ -455,6 +482,13 @@ class OpenAIServing:
                 await resp.aclose()
 
     # --- bookkeeping -----------------------------------------------------------------------------
+    async def _commit(self) -> None:
+        if self.commit is not None:
+            try:
+                await self.commit()
+            except Exception:  # logging must never fail a served request
+                logger.exception("request event could not be made durable")
+
     @staticmethod
     def _take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
         _take_usage(record, usage)

@@ -8,12 +8,15 @@ operator's view of the same thing.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from feedback.config import StoreConfig
 
 #: Secrets that ship in examples and must never guard a real deployment.
 DEFAULT_SECRETS = frozenset({"changeme", "change-me", "changethis", "secret", "password", "admin", "test", "key"})
@@ -168,6 +171,14 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         Path("./.loraloop/state"),
         description="Where runtime changes (registered adapters, alias pointers) are kept across restarts.",
+    )
+    store: StoreConfig = Field(
+        default_factory=lambda: StoreConfig(), description="The feedback event store (see docs/event-store.md)."
+    )
+    replica_id: str = Field(
+        default_factory=lambda: socket.gethostname(),
+        description="This gateway's writer id in the event store; unique per replica, stable across restarts.",
+        json_schema_extra={"doc_default": "the host name"},
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")

@@ -114,6 +114,8 @@ def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:
             "managed": {"port": free_port(), "max_model_len": 1024, "startup_timeout_s": 600},
         },
         "aliases": BASE_ALIASES,
+        "store": {"root": str(cache / "events"), "flush_interval_s": 0.02},
+        "replica_id": "live",
     }
     values.update(extra)
     return Settings(**values)
@@ -130,7 +132,12 @@ def live_gateway(
         adapter_root=str(label_adapters),
         state_dir=str(cache / "state"),
         adapters={"alpha": {"path": "alpha"}, "bravo": {"path": "bravo"}},
-        aliases={**BASE_ALIASES, "labeler": {"adapter": "alpha", "defaults": {"temperature": 0.0, "max_tokens": 8}}},
+        aliases={
+            **BASE_ALIASES,
+            "labeler": {"adapter": "alpha", "defaults": {"temperature": 0.0, "max_tokens": 8}},
+            "ab": {"adapter": "alpha", "defaults": {"temperature": 0.0, "max_tokens": 8}},
+            "private": {"log_text": False, "defaults": {"max_tokens": 4}},
+        },
     )
     live = start_gateway(settings, str(tiny_model_dir))
     yield live

@@ -21,10 +21,11 @@ CHAT = {"model": "support", "messages": [{"role": "user", "content": "hi"}]}
 async def gw(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> AsyncIterator[Gateway]:
     fake = build_fake_vllm()
     app = build_app(make_settings(tmp_path, tiny_model_dir, adapter_root), transport=httpx.ASGITransport(app=fake))
-    await app.state.pool.check_all()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=ADMIN) as c:
-        yield Gateway(app, fake, c)
-    await app.state.pool.client.aclose()
+    async with app.router.lifespan_context(app):
+        await app.state.pool.check_all()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw", headers=ADMIN) as c:
+            yield Gateway(app, fake, c)
 
 
 async def test_admin_auth(gw: Gateway, tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> None:
@@ -52,14 +53,14 @@ async def test_register_point_and_drain(gw: Gateway) -> None:
     assert resp.status_code == 201, resp.text
     assert "support-v2" in gw.fake.state.adapters
     manager = gw.app.state.adapters
-    held = manager.acquire("support")  # a request in flight on the old adapter
-    assert held == "support-v1"
+    held = gw.app.state.serving.resolver.resolve("support")  # a request in flight on the old adapter
+    assert held.adapter == "support-v1"
     resp = await gw.client.put("/admin/aliases/support", json={"adapter": "support-v2"})
     assert resp.json() == {"alias": "support", "adapter": "support-v2", "previous": "support-v1"}
     chat = await gw.client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {API_KEY}"})
     assert chat.headers["x-loraloop-adapter"] == "support-v2" and gw.last["model"] == "support-v2"
     assert ("unload", "support-v1") not in gw.fake.state.ops  # still in flight
-    manager.release(held)
+    gw.app.state.serving.resolver.release(held)
     await manager.wait_background()
     assert ("unload", "support-v1") in gw.fake.state.ops and "support-v1" not in gw.fake.state.adapters
     metrics = (await gw.client.get("/metrics")).text

@@ -27,6 +27,8 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, **ex
         "admin_key": ADMIN_KEY,
         "adapter_root": str(adapter_root),
         "state_dir": str(tmp_path / "state"),
+        "store": {"root": str(tmp_path / "events"), "flush_interval_s": 0.01},
+        "replica_id": "unit",
         "backends": {"mode": "remote", "urls": ["http://fake-a", "http://fake-b"]},
         "adapters": {"support-v1": {"path": "support-v1"}},
         "aliases": {
@@ -58,11 +60,11 @@ async def gw(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> AsyncI
     fake = build_fake_vllm()
     settings = make_settings(tmp_path, tiny_model_dir, adapter_root)
     app = build_app(settings, transport=httpx.ASGITransport(app=fake))
-    await app.state.pool.check_all()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=AUTH) as client:
-        yield Gateway(app, fake, client)
-    await app.state.pool.client.aclose()
+    async with app.router.lifespan_context(app):
+        await app.state.pool.check_all()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=AUTH) as client:
+            yield Gateway(app, fake, client)
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:

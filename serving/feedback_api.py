@@ -1,0 +1,156 @@
+"""The gateway side of the event store: every finished request becomes a RequestEvent (through the
+store's bounded queue — the request path never waits on disk), every experiment assignment an
+AssignmentEvent, every repoint an AdapterChangeEvent; `POST /v1/feedback` stores feedback durably
+before it answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from feedback.events import (
+    AdapterChangeEvent,
+    AssignmentEvent,
+    FeedbackEvent,
+    FeedbackKind,
+    FeedbackSource,
+    RequestEvent,
+    new_id,
+)
+from feedback.store import EventStore, StoreError
+
+from .dependencies import ApiKey, SettingsDep
+from .errors import OpenAIError
+from .openai_serving import RequestRecord
+from .settings import Settings
+
+router = APIRouter()
+
+#: Request fields kept as the event's sampling parameters.
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "top_k",
+)
+
+
+def request_event_observer(store: EventStore, settings: Settings) -> Callable[[RequestRecord], None]:
+    def observe(record: RequestRecord) -> None:
+        route, body = record.route, record.body
+        exp, arm = route.experiment, route.arm
+        ts = datetime.fromtimestamp(record.started_at, UTC)
+        if exp is not None and arm is not None:
+            store.submit(
+                AssignmentEvent(
+                    ts=ts,
+                    experiment_id=exp.id,
+                    alias=route.alias,
+                    arm=arm.name,
+                    user=record.user,
+                    request_id=record.request_id,
+                )
+            )
+        event = RequestEvent(
+            ts=ts,
+            request_id=record.request_id,
+            alias=route.alias,
+            endpoint=record.endpoint,
+            experiment_id=exp.id if exp is not None else None,
+            arm=arm.name if arm is not None else None,
+            adapter=route.adapter,
+            user=record.user,
+            messages=body.get("messages") if record.endpoint == "chat" else None,
+            prompt=body["prompt"] if isinstance(body.get("prompt"), str) else None,
+            completion=record.completion_text if record.status == 200 or record.texts or record.stream_chunks else None,
+            params={k: body[k] for k in SAMPLING_KEYS if k in body},
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            latency_ms=(record.latency_s or 0.0) * 1000,
+            ttft_ms=record.ttft_s * 1000 if record.ttft_s is not None else None,
+            status=record.status,
+            error=record.error,
+            stream=record.stream,
+            finish_reason=record.finish_reason,
+            replica=settings.replica_id,
+        )
+        store.submit(event, log_text=route.config.log_text)
+
+    return observe
+
+
+def adapter_change_logger(store: EventStore) -> Callable[[str, str | None, str | None], None]:
+    def log(alias: str, adapter: str | None, previous: str | None) -> None:
+        store.submit(
+            AdapterChangeEvent(alias=alias, adapter=adapter, previous=previous, actor="admin-api", reason="repoint")
+        )
+
+    return log
+
+
+class FeedbackIn(BaseModel):
+    """Body of POST /v1/feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=200, description="The completion `id` / x-request-id.")
+    kind: FeedbackKind
+    value: float | str | bool | None = None
+    user: str | None = Field(None, max_length=500)
+    source: FeedbackSource = "user"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    feedback_id: str | None = Field(
+        None, min_length=1, max_length=200, description="Client id: retries are idempotent."
+    )
+    model: str | None = Field(None, description="The alias the request used (applies its privacy switch).")
+
+
+def get_store(request: Request) -> EventStore:
+    store: EventStore = request.app.state.store
+    return store
+
+
+StoreDep = Annotated[EventStore, Depends(get_store)]
+
+
+@router.post("/v1/feedback", response_model=None)
+async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep, _: ApiKey) -> JSONResponse:
+    try:
+        event = FeedbackEvent(
+            feedback_id=body.feedback_id or new_id(),
+            request_id=body.request_id,
+            kind=body.kind,
+            value=body.value,
+            user=body.user,
+            source=body.source,
+            metadata=body.metadata,
+        )
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc).splitlines()[-1].strip(), param="value", code="invalid_value") from None
+    alias = body.model or store.served_alias(body.request_id)
+    log_text = settings.aliases[alias].log_text if alias in settings.aliases else True
+    try:
+        stored, created = await anyio.to_thread.run_sync(lambda: store.write_feedback(event, log_text=log_text))
+    except StoreError as exc:
+        raise OpenAIError(503, f"feedback not stored: {exc}", code="store_unavailable") from None
+    payload = {
+        "id": stored.feedback_id,
+        "object": "feedback",
+        "request_id": stored.request_id,
+        "kind": stored.kind,
+        "created": created,
+    }
+    return JSONResponse(payload, status_code=201 if created else 200)
