@@ -69,6 +69,11 @@ class StoreConfig(BaseModel):
     experiments_refresh_s: float = Field(
         default=2.0, gt=0, description="How stale a gateway's cached view of the experiments may become."
     )
+    enabled: bool = Field(
+        default=True,
+        description="Log requests, assignments and feedback. Off: a pure serving gateway — nothing is "
+        "written and POST /v1/feedback answers 503.",
+    )
     durable_requests: bool = Field(
         default=True,
         description="Make each request event durable (group-committed fsync) before the response's last byte "

@@ -105,13 +105,16 @@ def build_app(
     adapters.extra_in_use = lambda: {
         arm.adapter for exp in experiments.list() if exp.is_active() for arm in exp.arms if arm.adapter
     }
-    adapters.on_change.append(adapter_change_logger(store))
+    if settings.store.enabled:
+        adapters.on_change.append(adapter_change_logger(store))
     adapters.load_initial()
     pool.add_join_hook(adapters.prepare_backend)
     resolver = AliasResolver(settings, adapters, experiments)
-    observers = [metrics_observer(metrics), request_event_observer(store, settings)]
+    observers = [metrics_observer(metrics)]
+    if settings.store.enabled:
+        observers.append(request_event_observer(store, settings))
     serving = OpenAIServing(settings, pool, resolver, observers=observers)
-    if settings.store.durable_requests:
+    if settings.store.enabled and settings.store.durable_requests:
 
         async def commit() -> None:
             await anyio.to_thread.run_sync(store.flush)
@@ -128,7 +131,8 @@ def build_app(
             )  # fmt: skip
             managed.start()
         app.state.managed = managed
-        store.start()  # recovers and seals what a crashed predecessor left
+        if settings.store.enabled:
+            store.start()  # recovers and seals what a crashed predecessor left
         pool.start()
         try:
             yield

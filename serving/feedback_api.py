@@ -128,6 +128,9 @@ StoreDep = Annotated[EventStore, Depends(get_store)]
 
 @router.post("/v1/feedback", response_model=None)
 async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep, _: ApiKey) -> JSONResponse:
+    if not settings.store.enabled:
+        message = "feedback is not stored: the event store is disabled (store.enabled)"
+        raise OpenAIError(503, message, code="store_disabled")
     try:
         event = FeedbackEvent(
             feedback_id=body.feedback_id or new_id(),

@@ -177,6 +177,7 @@ class Settings(BaseSettings):
     )
     replica_id: str = Field(
         default_factory=lambda: socket.gethostname(),
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
         description="This gateway's writer id in the event store; unique per replica, stable across restarts.",
         json_schema_extra={"doc_default": "the host name"},
     )
