@@ -12,6 +12,7 @@ import anyio
 import httpx
 from fastapi import FastAPI
 
+from deploy.metrics import RegistryCollector
 from feedback.experiments import ExperimentRepo
 from feedback.store import EventStore
 
@@ -86,6 +87,7 @@ def build_app(
 
         model_path = prepare_model(settings.model, settings.cache_dir)
     metrics = GatewayMetrics()
+    metrics.registry.register(RegistryCollector(settings.registry_path, settings.cycle.state_dir))
     client = httpx.AsyncClient(
         transport=transport,
         timeout=httpx.Timeout(b.request_timeout_s, connect=b.connect_timeout_s),

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from deploy.config import CycleConfig, PromotionConfig
 from feedback.config import StoreConfig
 
 #: Secrets that ship in examples and must never guard a real deployment.
@@ -172,6 +173,14 @@ class Settings(BaseSettings):
         Path("./.loraloop/state"),
         description="Where runtime changes (registered adapters, alias pointers) are kept across restarts.",
     )
+    registry_path: Path = Field(
+        Path("./.loraloop/registry.duckdb"),
+        description="The adapter registry (versions, lineage, status, audit log) and its runs table beside it.",
+    )
+    promotion: PromotionConfig = Field(
+        default_factory=lambda: PromotionConfig(), description="Canary, promotion and rollback (deploy/)."
+    )
+    cycle: CycleConfig = Field(default_factory=lambda: CycleConfig(), description="The nightly `loraloop cycle`.")
     store: StoreConfig = Field(
         default_factory=lambda: StoreConfig(), description="The feedback event store (see docs/event-store.md)."
     )

@@ -1,0 +1,234 @@
+"""A training recipe: one YAML file, validated into these pydantic models (every field is documented).
+
+The recipe runs as one readable script (``retrain.run.run_recipe``): setup -> train -> evaluate -> save;
+each step gets only its own section (``model``, ``lora``, ``train``, ``search``, ``eval``, ``output``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    """The base model the adapter is trained on."""
+
+    base: str = Field(description="Base model directory (the path production serves; stored in adapter_config.json).")
+    revision: str | None = Field(
+        None, description="Revision of the base; default: a hash of its config.json and weight file names/sizes."
+    )
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="`nf4`: QLoRA — load the base in 4-bit NF4 through bitsandbytes (needs bitsandbytes)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights / compute dtype. float32 on CPU; bfloat16 on modern GPUs."
+    )
+
+
+class LoraSection(_Strict):
+    """The LoRA adapter (ignored for the shape when warm-starting: the champion's config is kept)."""
+
+    r: int = Field(8, ge=1, le=256, description="LoRA rank (must not exceed the server's max LoRA rank).")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt.",
+    )
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only adapt these decoder layers (the rest stay frozen); None = all layers."
+    )
+    init: Literal["scratch", "champion"] = Field(
+        "scratch",
+        description="`champion`: warm start from the alias's champion adapter (its weights loaded trainable; "
+        "from scratch when there is no champion); `scratch`: a fresh adapter.",
+    )
+
+
+class TrainSection(_Strict):
+    """The trainer (TRL SFTTrainer / DPOTrainer on top of transformers' Trainer)."""
+
+    method: Literal["sft", "dpo"] = Field("sft", description="`sft`: supervised rows; `dpo`: preference pairs.")
+    epochs: float = Field(3.0, gt=0, description="Training epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Per-layer learning rates: layer i of n gets lr * decay**(n-1-i) (top layer: full lr). "
+        "1.0 = one learning rate.",
+    )
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(512, ge=16, description="Longest tokenized example (prompt + completion).")
+    packing: bool = Field(False, description="SFT: pack several examples into one sequence (TRL's bfd packing).")
+    completion_only_loss: bool = Field(True, description="SFT: learn the completion only (prompt masked).")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO: beta (strength of the KL to the reference).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better validation loss; None = off."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate (and checkpoint) every N steps; None = once per epoch."
+    )
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; None = with the evaluations.")
+    logging_steps: int = Field(1, ge=1, description="Log the training loss every N steps.")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPUs; 5x slower on CPU).")
+    fp16: bool = Field(False, description="fp16 mixed precision (older GPUs).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models only).")
+    torch_threads: int | None = Field(
+        1, ge=1, description="torch threads while training on CPU (1 is fastest for tiny models); None = leave."
+    )
+
+
+class SearchSection(_Strict):
+    """Hyper-parameter search with Optuna (TPE sampler, median pruner on validation loss)."""
+
+    enabled: bool = Field(
+        False, description="Run the search; the best trial (lowest validation loss) is the candidate."
+    )
+    n_trials: int = Field(4, ge=1, description="Budget: number of trials.")
+    timeout_s: float | None = Field(None, gt=0, description="Budget: wall-clock seconds for the whole search.")
+    learning_rate: tuple[float, float] = Field((1e-4, 3e-3), description="Log-uniform range of the learning rate.")
+    r: list[int] = Field(default_factory=lambda: [4, 8, 16], description="LoRA ranks to try.")
+    alpha_over_r: list[float] = Field(default_factory=lambda: [1.0, 2.0], description="alpha = r * one of these.")
+    dropout: tuple[float, float] = Field((0.0, 0.1), description="Uniform range of lora dropout.")
+    epochs: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0], description="Epoch counts to try.")
+    pruner_warmup_steps: int = Field(0, ge=0, description="MedianPruner: no pruning before this many steps.")
+
+
+class EvalSection(_Strict):
+    """The evaluation gate on the holdout split."""
+
+    vllm_url: str | None = Field(
+        None, description="An existing vLLM OpenAI server to generate with (runtime LoRA updating enabled); "
+        "None = start one for the run."
+    )  # fmt: skip
+    base_model: str | None = Field(
+        None, description="Base the generations run on (the production base, maybe quantized); default model.base."
+    )
+    served_model_name: str = Field("base", description="Name the vLLM server serves the base model under.")
+    max_tokens: int = Field(16, ge=1, description="Longest generated answer.")
+    concurrency: int = Field(16, ge=1, description="Concurrent generation requests.")
+    start_timeout_s: float = Field(600.0, gt=0, description="How long a started vLLM may take to become healthy.")
+    max_lora_rank: int = Field(16, ge=1, description="--max-lora-rank of a vLLM started for the run.")
+    max_model_len: int | None = Field(1024, description="--max-model-len of a vLLM started for the run.")
+    primary_metric: Literal["exact_match", "accuracy", "macro_f1", "preferred_match_rate", "neg_loss"] = Field(
+        "exact_match", description="The metric the candidate must improve."
+    )
+    min_improvement: float = Field(0.0, description="The candidate's primary metric must beat the reference by more.")
+    slice_tolerance: float = Field(0.05, ge=0.0, description="Largest allowed drop of a slice's primary metric.")
+    min_slice_samples: int = Field(5, ge=1, description="Slices with fewer holdout rows are reported, not gated.")
+    slice_attributes: list[str] | None = Field(
+        None, description="Slice attributes to break down by (and their pairwise intersections); None = all."
+    )
+    max_labels: int = Field(20, ge=2, description="Answers are label-like when at most this many distinct short ones.")
+    skip_generation: bool = Field(False, description="Gate on holdout loss only (no vLLM). For debugging.")
+
+
+class DataSection(_Strict):
+    """Where the training data comes from and how it is split."""
+
+    store_root: Path | None = Field(
+        None, description="Event store root; default: the CLI's --store or ./.loraloop/events."
+    )
+    good_score: float = Field(4.0, description="Scores >= this count as good answers.")
+    bad_score: float = Field(2.0, description="Scores <= this count as bad answers.")
+    lag_s: float = Field(0.0, ge=0, description="The export stops this many seconds before now.")
+    prepare: dict[str, Any] = Field(
+        default_factory=dict, description="Options of retrain.config.DataConfig (dedup, filters, split sizes ...)."
+    )
+
+
+class OutputSection(_Strict):
+    """Where runs, adapters and the registry live."""
+
+    runs_dir: Path = Field(Path("./.loraloop/runs"), description="One directory per run (checkpoints, logs, plot).")
+    registry_path: Path | None = Field(None, description="Registry DuckDB file; default ./.loraloop/registry.duckdb.")
+    adapter_root: Path | None = Field(None, description="Adapter root; default: the settings' adapter_root.")
+    max_lora_rank: int | None = Field(None, description="Checked on the adapter; default: the settings' max_lora_rank.")
+
+
+class Recipe(_Strict):
+    """A complete retraining recipe."""
+
+    name: str = Field("recipe", description="A name for humans.")
+    seed: int = Field(0, description="Seed of everything (data split, init, order, search sampler).")
+    model: ModelSection = Field(description="The base model.")
+    lora: LoraSection = Field(default_factory=lambda: LoraSection(), description="The adapter.")
+    train: TrainSection = Field(default_factory=lambda: TrainSection(), description="The trainer.")
+    search: SearchSection = Field(default_factory=lambda: SearchSection(), description="Hyper-parameter search.")
+    eval: EvalSection = Field(default_factory=lambda: EvalSection(), description="The evaluation gate.")
+    data: DataSection = Field(default_factory=lambda: DataSection(), description="Training data.")
+    output: OutputSection = Field(default_factory=lambda: OutputSection(), description="Outputs.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.train.method == "dpo" and self.train.packing:
+            raise ValueError("packing is an SFT option")
+        return self
+
+    def hash(self) -> str:
+        """sha256 of the resolved recipe (canonical JSON), so defaults and overrides count."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RecipeError(ValueError):
+    """An unreadable or invalid recipe (one line for the operator)."""
+
+
+def load_recipe(path: Path | str, **overrides: Any) -> Recipe:
+    """Read and validate a recipe file; ``overrides`` (dotted keys, e.g. ``{"train.max_steps": 2}``) win.
+    Relative paths in the recipe stay relative to the working directory."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"cannot read recipe {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {p} must be a mapping")
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise RecipeError(f"recipe {p}: {where}: {first['msg']} ({exc.error_count()} error(s))") from exc
+
+
+def base_revision(base: str | Path) -> str:
+    """A stable fingerprint of a local base model: config.json bytes + weight file names and sizes."""
+    d = Path(base)
+    h = hashlib.sha256()
+    cfg = d / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")) + sorted(d.glob("*.gguf")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "DataSection", "EvalSection", "LoraSection", "ModelSection", "OutputSection", "Recipe", "RecipeError",
+    "SearchSection", "TrainSection", "base_revision", "load_recipe",
+]  # fmt: skip

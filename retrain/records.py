@@ -1,0 +1,158 @@
+"""Run records: every retrain run in a DuckDB table (``runs.duckdb`` next to the registry file), written
+through short-lived connections under an exclusive file lock, and a training-curve plot per run."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, alias VARCHAR NOT NULL, recipe_name VARCHAR, recipe_path VARCHAR,
+    recipe_hash VARCHAR NOT NULL, recipe JSON, method VARCHAR, since VARCHAR, data_watermark VARCHAR,
+    row_counts JSON, hyperparams JSON, epochs JSON, search JSON, eval JSON, gate JSON, passed BOOLEAN,
+    adapter_version VARCHAR, run_dir VARCHAR, started_at TIMESTAMPTZ NOT NULL, finished_at TIMESTAMPTZ,
+    duration_s DOUBLE, outcome VARCHAR NOT NULL, error VARCHAR
+);
+"""
+_JSON = ("recipe", "row_counts", "hyperparams", "epochs", "search", "eval", "gate")
+#: Outcomes: running, registered (gate passed), rejected (gate failed), failed, interrupted.
+OUTCOMES = ("running", "registered", "rejected", "failed", "interrupted")
+
+
+class RunRecords:
+    """The runs table."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self.path.with_name(self.path.name + ".lock")
+        with self._connect() as con:
+            con.execute(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                con = duckdb.connect(str(self.path))
+                try:
+                    yield con
+                finally:
+                    con.close()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def start(self, run_id: str, alias: str, **fields: Any) -> None:
+        """Insert a run (outcome ``running``), or mark an existing one (a resume) running again."""
+        now = datetime.now(UTC)
+        with self._connect() as con:
+            exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if exists is None:
+                con.execute(
+                    "INSERT INTO runs (run_id, alias, recipe_hash, started_at, outcome) VALUES (?, ?, ?, ?, 'running')",
+                    [run_id, alias, fields.get("recipe_hash", ""), now],
+                )
+        self.update(run_id, outcome="running", error=None, **fields)
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        sets, values = [], []
+        for key, value in fields.items():
+            sets.append(f"{key} = ?")
+            values.append(json.dumps(value, default=str) if key in _JSON and value is not None else value)
+        with self._connect() as con:
+            con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*values, run_id])
+
+    def finish(self, run_id: str, outcome: str, *, duration_s: float, error: str | None = None, **fields: Any) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self.update(run_id, outcome=outcome, error=error, duration_s=duration_s, finished_at=datetime.now(UTC),
+                    **fields)  # fmt: skip
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with self._connect() as con:
+            cur = con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description] if cur.description else []
+        if row is None:
+            return None
+        out = dict(zip(names, row, strict=True))
+        for key in _JSON:
+            if isinstance(out.get(key), str):
+                out[key] = json.loads(out[key])
+        return out
+
+    def list(self, alias: str | None = None) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT run_id, alias, outcome, adapter_version, recipe_hash, data_watermark, duration_s, started_at "
+            "FROM runs"
+        )
+        params: list[Any] = []
+        if alias:
+            sql += " WHERE alias = ?"
+            params.append(alias)
+        with self._connect() as con:
+            cur = con.execute(sql + " ORDER BY started_at", params)
+            names = [d[0] for d in cur.description] if cur.description else []
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def epoch_metrics(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch figures from a Trainer log history: mean train loss and the last validation loss."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for h in log_history:
+        ep = h.get("epoch")
+        if ep is None:
+            continue
+        key = max(1, int(-(-float(ep) // 1)))  # epoch 0.5 -> 1, 1.0 -> 1, 1.25 -> 2
+        e = by_epoch.setdefault(key, {"epoch": key, "train_losses": []})
+        if "loss" in h:
+            e["train_losses"].append(float(h["loss"]))
+        if "eval_loss" in h:
+            e["eval_loss"] = float(h["eval_loss"])
+        if "step" in h:
+            e["step"] = int(h["step"])
+    out = []
+    for key in sorted(by_epoch):
+        e = by_epoch[key]
+        losses = e.pop("train_losses")
+        e["train_loss"] = sum(losses) / len(losses) if losses else None
+        out.append(e)
+    return out
+
+
+def plot_curve(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Training and validation loss against the step, as a PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    tr = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev, strict=True), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["OUTCOMES", "RunRecords", "epoch_metrics", "plot_curve"]
