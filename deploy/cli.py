@@ -15,7 +15,7 @@ from serving.settings import PRESETS, ConfigError, Settings, load_settings
 logger = logging.getLogger("loraloop")
 
 #: Modules that contribute subcommands via `register(subparsers)`; missing ones are skipped.
-_PLUGINS = ("feedback.cli", "serving.admin_cli", "retrain.cli", "deploy.commands")
+_PLUGINS = ("feedback.cli", "serving.admin_cli", "retrain.cli", "deploy.commands", "deploy.demo", "serving.quantize")
 
 
 class CommandError(Exception):
@@ -53,6 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.backends.mode == "managed":
         print(f"preparing base model {settings.model!r} (cached in {settings.cache_dir}) ...", flush=True)
         model_path = prepare_model(settings.model, settings.cache_dir)
+        if settings.quantization:
+            from serving.quantize import prepare_quantized
+
+            model_path = prepare_quantized(model_path, settings.quantization, settings.cache_dir,
+                                           adapters_configured=bool(settings.adapters))  # fmt: skip
     app = build_app(settings, model_path=model_path)
     print(f"loraloop gateway on http://{settings.host}:{settings.port} (aliases: {', '.join(settings.aliases)})")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
@@ -97,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.settings = _settings(args)
         code: int = args.func(args)
         return code
-    except (ConfigError, CommandError) as exc:
+    except (ConfigError, CommandError, ValueError) as exc:  # ValueError: refusals such as AdapterRejected
         print(f"loraloop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -133,6 +133,12 @@ def layerwise_optimizer(model: Any, train: TrainSection) -> Any:
     return torch.optim.AdamW(param_groups, lr=train.learning_rate)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _training_args(
     train: TrainSection, out: Path, *, seed: int, has_eval: bool, report_to: Sequence[str], epochs: float
 ) -> dict[str, Any]:
@@ -161,6 +167,7 @@ def _training_args(
         "save_total_limit": 3,
         "report_to": list(report_to),
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": _has_cuda(),  # pinning needs an accelerator
         "max_length": train.max_length,
     }
     if eval_every:

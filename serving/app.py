@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,7 +61,11 @@ def base_model_info(settings: Settings, model_path: str | None) -> BaseModelInfo
     path = model_path or settings.model
     names = [settings.model, settings.backends.served_model_name]
     if Path(path).expanduser().is_dir():
-        return BaseModelInfo.from_model_dir(Path(path).expanduser(), extra_names=names)
+        # adapters trained on the unquantized base fit its quantized checkpoint
+        provenance = Path(path).expanduser() / "loraloop-quantization.json"
+        if provenance.is_file():
+            names.append(str(json.loads(provenance.read_text()).get("source", "")))
+        return BaseModelInfo.from_model_dir(Path(path).expanduser(), extra_names=[n for n in names if n])
     try:
         from huggingface_hub import hf_hub_download
 

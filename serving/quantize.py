@@ -190,7 +190,7 @@ SCHEMES: dict[str, SchemeInfo] = {
         SchemeInfo(
             "w4a8",
             "W4A8",
-            "int4 weights (GPTQ, groups of 128), int8 activations (per token, dynamic)",
+            "int4 weights (GPTQ, groups of <=128), int8 activations (per token, dynamic)",
             _gptq("W4A8"),
             CPU_AND_GPU,
             needs_calibration=True,
@@ -201,7 +201,7 @@ SCHEMES: dict[str, SchemeInfo] = {
         SchemeInfo(
             "w4a16",
             "W4A16",
-            "int4 weights (GPTQ, groups of 128), 16-bit activations",
+            "int4 weights (GPTQ, groups of <=128), 16-bit activations",
             _gptq("W4A16"),
             GPU_ONLY,
             needs_calibration=True,
@@ -211,7 +211,7 @@ SCHEMES: dict[str, SchemeInfo] = {
         SchemeInfo(
             "w4a16_awq",
             "W4A16_ASYM",
-            "int4 asymmetric weights (AWQ, groups of 128), 16-bit activations",
+            "int4 asymmetric weights (AWQ, groups of <=128), 16-bit activations",
             _awq("W4A16_ASYM"),
             GPU_ONLY,
             needs_calibration=True,
@@ -294,6 +294,19 @@ def check_adapter_compatibility(scheme: str | None, adapters_configured: bool, *
         raise QuantizationRefused(
             f"scheme {info.name!r} crashes vLLM's CPU back-end when LoRA is enabled; use fp8_dynamic or w4a8"
         )
+
+
+def prepare_quantized(model_path: str, scheme: str, cache_dir: Path, *, adapters_configured: bool) -> str:
+    """The served base quantized with ``scheme`` (settings `quantization`): made once with
+    :func:`quantize` into ``cache_dir/<model>-<scheme>`` and reused; refused when it would break adapters
+    or cannot run on this machine's vLLM."""
+    from .managed import detect_device
+
+    check_adapter_compatibility(scheme, adapters_configured, device=detect_device("auto"))
+    dst = Path(cache_dir).expanduser() / f"{Path(model_path).name}-{get_scheme(scheme).name}"
+    if read_scheme(dst) != get_scheme(scheme).name:
+        quantize(Path(model_path), dst, scheme, overwrite=dst.exists())
+    return str(dst)
 
 
 def read_scheme(model_dir: Path) -> str | None:

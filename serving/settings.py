@@ -139,6 +139,11 @@ class Settings(BaseSettings):
         "smollm2",
         description="Base model: a preset (`tiny`, `smollm2`), a local directory, or a hub id.",
     )
+    quantization: str | None = Field(
+        None,
+        description="Serve the base quantized with this scheme (see docs/quantization.md; fp8_dynamic runs on "
+        "CPUs too). Prepared once with llm-compressor into model_cache_dir; null = unquantized.",
+    )
     model_cache_dir: Path = Field(
         Path("~/.cache/loraloop/models"), description="Where presets are prepared (once) and cached."
     )
@@ -206,6 +211,15 @@ class Settings(BaseSettings):
         if cls.model_config.get("yaml_file"):
             sources += (YamlConfigSettingsSource(settings_cls),)
         return sources
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_scheme(cls, scheme: str | None) -> str | None:
+        if scheme is None or scheme.lower() in ("", "none"):
+            return None
+        from .quantize import get_scheme
+
+        return get_scheme(scheme).name  # QuantizationRefused (a ValueError) names the known schemes
 
     @field_validator("api_key", "admin_key")
     @classmethod

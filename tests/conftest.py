@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
+from deploy.local import LocalGateway, start_local_gateway
 from serving.settings import Settings
 from tests.adapter_factory import make_label_adapter
 
@@ -59,46 +55,16 @@ def label_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return root
 
 
-@dataclass
-class LiveGateway:
-    """A gateway served by uvicorn in a thread, in front of its own managed vLLM."""
-
-    app: FastAPI
-    settings: Settings
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
+class LiveGateway(LocalGateway):
+    """A local gateway whose clients carry the test API key by default."""
 
     def client(self, key: str | None = API_KEY, **kw: Any) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kw)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=120)
+        return super().client(key, **kw)
 
 
 def start_gateway(settings: Settings, model_path: str | None, *, wait_healthy_s: float = 600) -> LiveGateway:
-    from serving.app import build_app
-
-    app = build_app(settings, model_path=model_path, log_dir=settings.cache_dir / "logs")
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    live = LiveGateway(app, settings, f"http://127.0.0.1:{settings.port}", server, thread)
-    deadline = time.monotonic() + wait_healthy_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{live.url}/health", timeout=2).status_code == 200:
-                return live
-        except httpx.HTTPError:
-            pass
-        if not thread.is_alive():
-            break
-        time.sleep(1)
-    live.stop()
-    raise RuntimeError(f"gateway/vLLM did not become healthy; see {settings.cache_dir / 'logs'}")
+    g = start_local_gateway(settings, model_path, wait_healthy_s=wait_healthy_s)
+    return LiveGateway(g.app, g.settings, g.url, g.server, g.thread)
 
 
 def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:

@@ -117,11 +117,13 @@ def test_repoint_under_load_switches_outputs_without_failures(live_gateway: Live
             assert wrong == [], f"after switching to {target}: {wrong}"
             checked += len(after)
         assert checked >= 10
-        # the old adapter was unloaded after draining; the current one stays
+        # an adapter no alias uses any more is unloaded once drained; one still in use stays
+        assert adm.put("/admin/aliases/labeler", json={"adapter": None}).status_code == 200
         time.sleep(1)
         listing = adm.get("/admin/adapters").json()
         loaded = next(iter(listing["backends"].values()))
-        assert loaded == ["bravo"], listing
+        assert "bravo" not in loaded and "alpha" in loaded, listing  # alpha: alias `ab` still points to it
+        assert adm.put("/admin/aliases/labeler", json={"adapter": "bravo"}).status_code == 200
 
 
 HOSTILE = {
