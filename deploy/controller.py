@@ -62,7 +62,10 @@ def decide(report: Report, cfg: PromotionConfig, now: datetime | None = None) ->
     cand, champ = arms[CANDIDATE], arms[CHAMPION]
     figures = {"experiment": exp.id, CHAMPION: arm_figures(champ), CANDIDATE: arm_figures(cand),
                "srm_p_value": _num(report.srm.p_value), "share": round(candidate_share(exp), 4)}  # fmt: skip
+    age_h = ((now or datetime.now(UTC)) - exp.start).total_seconds() / 3600
     if report.srm.flagged:
+        if age_h >= cfg.max_duration_h:  # a paused canary does not run forever
+            return Decision("timeout", f"sample ratio mismatch until the end ({age_h:.1f} h): champion stays", figures)
         return Decision("pause", f"sample ratio mismatch (p={report.srm.p_value:.2g}): decision paused", figures)
     g = cfg.guardrails
     if cand.requests >= g.min_requests:
@@ -85,7 +88,6 @@ def decide(report: Report, cfg: PromotionConfig, now: datetime | None = None) ->
         return Decision("rollback", f"clearly worse: P(candidate worse) = {1 - p_beat:.3f}", figures)
     if enough and report.winner == CANDIDATE and p_beat is not None and p_beat >= cfg.certainty:
         return Decision("promote", f"candidate wins: P(beats champion) = {p_beat:.3f}; {report.decision}", figures)
-    age_h = ((now or datetime.now(UTC)) - exp.start).total_seconds() / 3600
     if age_h >= cfg.max_duration_h:
         return Decision("timeout", f"no win after {age_h:.1f} h: the champion stays", figures)
     share = candidate_share(exp)
@@ -161,7 +163,9 @@ class PromotionController:
                                      figures=decision.figures)  # fmt: skip
         elif decision.action in ("rollback", "timeout"):
             self.fleet.stop_experiment(exp.id)  # the alias still points to the champion
-            self.registry.transition(version, "rejected", actor=self.actor, reason=decision.reason,
+            # a timeout is no verdict against the candidate: retired, not rejected (and no rollback alert)
+            status = "rejected" if decision.action == "rollback" else "retired"
+            self.registry.transition(version, status, actor=self.actor, reason=decision.reason,
                                      figures=decision.figures)  # fmt: skip
         elif decision.action == "ramp" and decision.next_share is not None:
             share = decision.next_share
@@ -187,13 +191,15 @@ class PromotionController:
         return None
 
     def rollback(self, alias: str, reason: str = "operator rollback") -> AdapterVersion | None:
-        """Back to the previous champion (or the base when there is none); returns what serves now."""
+        """During a canary: stop it (the champion stays). Otherwise: back to the previous champion (or
+        the base when there is none). Returns the registry version that serves now."""
         canary = self.running_canary(alias)
-        if canary is not None:
+        if canary is not None:  # roll back the canary: the champion stays
             self.fleet.stop_experiment(canary.id)
             cand = canary.arm(CANDIDATE).adapter
             if cand is not None and self.registry.get(cand).status == "canary":
                 self.registry.transition(cand, "rejected", actor=self.actor, reason=f"{reason}: canary stopped")
+            return self.registry.champion(alias)
         current = self.registry.champion(alias)
         previous = self.previous_champion(alias)
         if previous is not None:

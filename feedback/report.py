@@ -243,7 +243,20 @@ def _build(con: duckdb.DuckDBPyConnection, exp: Experiment, alpha: float, now: d
     series = _series([row for row in daily if row[1] == kind and row[0] in arms], list(arms))
     points, diff_samples = _compare(exp, arms, series, kind, alpha)
     _guardrails(exp, arms)
-    srm = stats.srm_check({n: a.units for n, a in arms.items()}, {a.name: a.weight for a in exp.arms})
+    # The split is checked on the units first exposed under the current weights: after a ramp
+    # (10 % -> 50 %) the units of earlier layouts follow other weights.
+    since = exp.updated if exp.version > 1 else exp.start
+    units = dict.fromkeys(arms, 0)
+    for name, n in con.execute(
+        """SELECT arm, count(*) FROM (
+               SELECT coalesce("user", request_id) AS unit, arg_min(arm, ts) AS arm, min(ts) AS first
+               FROM requests WHERE experiment_id = ? GROUP BY unit)
+           WHERE first >= ? GROUP BY arm""",
+        [exp.id, since],
+    ).fetchall():
+        if name in units:
+            units[name] = int(n)
+    srm = stats.srm_check(units, {a.name: a.weight for a in exp.arms})
     winner, decision = _decide(exp, arms, srm, alpha)
     pending = con.execute("SELECT count(*) FROM feedback_pending").fetchone()  # a small temp table
     changes = con.execute(

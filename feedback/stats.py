@@ -131,6 +131,8 @@ def sequential_binary(
         p1, p0 = s1 / n1, s0 / n0
         pooled = (s1 + s0) / (n1 + n0)
         var = p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0
+        # unanimous arms (all up vs all down) have no spread of their own: use the pooled variance
+        var = np.where(var > 0, var, pooled * (1 - pooled) * (1 / n1 + 1 / n0))
         tau = tau_sd * np.sqrt(pooled * (1 - pooled))
     return msprt_p_values(p1 - p0, var, tau)
 

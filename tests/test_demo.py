@@ -41,4 +41,4 @@ def test_demo_aa_promotes_nothing(tmp_path: Path, live_gateway: LiveGateway) -> 
     assert result.decisions and all(d["action"] != "promote" for d in result.decisions)
     registry = Registry(RegistryConfig(path=tmp_path / "demo" / "registry.duckdb"))
     assert registry.champion("reviews-aa") is None
-    assert registry.list("reviews-aa")[0].status == "rejected"  # kept the champion at the end
+    assert registry.list("reviews-aa")[0].status == "retired"  # timed out: the champion stayed

@@ -1,0 +1,281 @@
+"""`loraloop cycle` without vLLM: a fake gateway fleet (the admin calls, applied to the store's experiments
+and an alias table), a real registry, a real event store and real `Settings`. Covers the lock, the exit
+codes, the status file and idempotence. Retraining is reached only through a recipe that fails at once."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+import deploy.cycle
+from deploy.cli import main as cli
+from deploy.config import PromotionConfig
+from deploy.controller import PromotionController
+from deploy.cycle import EXIT_ACTED, EXIT_FAILED, EXIT_LOCKED, EXIT_NOTHING, CycleLocked, cycle_lock, run_cycle
+from deploy.metrics import RegistryCollector
+from deploy.registry import Registry
+from feedback.events import FeedbackEvent, RequestEvent
+from feedback.experiments import ExperimentRepo
+from feedback.store import EventStore
+from serving.settings import Settings
+from tests.deploy.test_controller_decisions import (
+    EXP,
+    NOW,
+    ArmPlan,
+    FakeFleet,
+    record,
+    registry_with_champion,
+    store_config,
+)
+
+ADMIN_KEY = "adm-cycle-test-key-42"
+FLEET_URL = "http://127.0.0.1:9"  # nothing listens: every admin call goes to the fake fleet
+
+
+def settings_values(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Settings as plain values (for `Settings(**values)` and for a YAML file)."""
+    return {
+        "model": "tiny",
+        "admin_key": ADMIN_KEY,
+        "adapter_root": str(tmp_path / "adapters"),
+        "state_dir": str(tmp_path / "state"),
+        "registry_path": str(tmp_path / "registry.duckdb"),
+        "replica_id": "cycle-test",
+        "backends": {"mode": "remote", "urls": [FLEET_URL]},
+        "aliases": {"x": {}, "broken": {}},
+        "store": {"root": str(tmp_path / "events"), "flush_interval_s": 0.01},
+        "promotion": {"gateway_urls": [FLEET_URL], "ramp": [0.5], "min_samples": 100},
+        "cycle": {"state_dir": str(tmp_path / "cycle"), "aliases": aliases or {}},
+    }
+
+
+def make_settings(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = None) -> Settings:
+    return Settings(**settings_values(tmp_path, aliases))
+
+
+def write_config(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = None) -> str:
+    path = tmp_path / "loraloop.yaml"
+    path.write_text(yaml.safe_dump(settings_values(tmp_path, aliases)))
+    return str(path)
+
+
+class Fleets:
+    """Every fake fleet run_cycle creates (one per cycle), sharing one alias table."""
+
+    def __init__(self, store_root: Path, aliases: dict[str, str | None]) -> None:
+        self.store_root = store_root
+        self.aliases = aliases
+        self.made: list[FakeFleet] = []
+
+    def __call__(self, urls: list[str], admin_key: str, timeout_s: float = 600.0) -> FakeFleet:
+        assert urls == [FLEET_URL] and admin_key == ADMIN_KEY
+        fleet = FakeFleet(self.store_root, self.aliases)
+        fleet.aliases = self.aliases  # shared: what one cycle points, the next one sees
+        self.made.append(fleet)
+        return fleet
+
+
+@pytest.fixture
+def fleets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fleets:
+    f = Fleets(tmp_path / "events", {"x": "x-v1", "broken": None})
+    monkeypatch.setattr(deploy.cycle, "GatewayFleet", f)
+    monkeypatch.delenv("LORALOOP_ADMIN_KEY", raising=False)
+    return f
+
+
+def status(tmp_path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((tmp_path / "cycle" / "last_cycle.json").read_text())
+    return data
+
+
+def winning_canary(tmp_path: Path) -> Registry:
+    """x-v1 champion, x-v2 in a canary (started by the controller) that clearly wins on recorded feedback."""
+    reg = registry_with_champion(tmp_path)
+    root = tmp_path / "events"
+    ctl = PromotionController(reg, FakeFleet(root, {"x": "x-v1"}), root, PromotionConfig(ramp=[0.5]))
+    ctl.start_canary("x-v2")
+    record(root, {"champion": ArmPlan(400, 300, 0.5), "candidate": ArmPlan(400, 300, 0.8)}, create=False)
+    return reg
+
+
+def plain_feedback(root: Path, alias: str, n: int) -> None:
+    """`n` rated requests on `alias` (no experiment)."""
+    with EventStore(store_config(root), "gw-plain", CollectorRegistry()) as store:
+        for i in range(n):
+            rid = f"{alias}-plain-{i}"
+            store.submit(RequestEvent(request_id=rid, alias=alias, endpoint="chat", user=f"u{i}", completion="ok",
+                                      latency_ms=50.0, status=200, replica="gw-plain"))  # fmt: skip
+            store.write_feedback(FeedbackEvent(request_id=rid, kind="thumbs", value=i % 2 == 0))
+
+
+# --- exit codes, status file, idempotence ------------------------------------------------------------------
+
+
+def test_nothing_to_do_exits_0_and_writes_the_status(tmp_path: Path, fleets: Fleets) -> None:
+    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 50}})
+    before = time.time()
+    result = run_cycle(settings)
+    assert result.exit_code == EXIT_NOTHING, result
+    assert result.actions == {"x": ["skip: 0 new feedback since the start (< 50)"]} and result.failed == {}
+    st = status(tmp_path)
+    assert st["exit_code"] == 0 and st["failed"] == {} and st["actions"] == result.actions
+    assert before <= st["last_success_ts"] == st["finished_ts"] <= time.time()
+    assert st["started_at"] <= st["finished_at"]
+    assert [f.calls for f in fleets.made] == [[]]  # nothing was changed on the gateways
+    assert not (tmp_path / "cycle" / "last_cycle.tmp").exists()
+
+
+def test_promoted_canary_exits_10_and_a_second_run_does_nothing(tmp_path: Path, fleets: Fleets) -> None:
+    reg = winning_canary(tmp_path)
+    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}})
+    first = run_cycle(settings)
+    assert first.exit_code == EXIT_ACTED, first
+    promote, skip = first.actions["x"]
+    assert promote.startswith("promote: candidate wins") and skip.startswith("skip: ")
+    assert reg.get("x-v2").status == "champion" and reg.get("x-v1").status == "retired"
+    assert ExperimentRepo(tmp_path / "events").get(EXP).status == "stopped"
+    assert fleets.made[0].calls == [("point", ("x", "x-v2")), ("stop_experiment", EXP)]
+    assert fleets.aliases["x"] == "x-v2"
+    st1 = status(tmp_path)
+    assert st1["exit_code"] == EXIT_ACTED and st1["last_success_ts"] == st1["finished_ts"]
+
+    audit = reg.audit()
+    second = run_cycle(settings)
+    assert second.exit_code == EXIT_NOTHING, second
+    assert [a.split(":")[0] for a in second.actions["x"]] == ["skip"]
+    assert fleets.made[1].calls == []  # nothing new: nothing is touched
+    assert reg.audit() == audit and reg.get("x-v2").status == "champion"
+    st2 = status(tmp_path)
+    assert st2["exit_code"] == EXIT_NOTHING and st2["last_success_ts"] >= st1["last_success_ts"]
+
+
+def test_canary_of_an_alias_outside_the_cycle_config_is_still_evaluated(tmp_path: Path, fleets: Fleets) -> None:
+    reg = winning_canary(tmp_path)
+    result = run_cycle(make_settings(tmp_path, {}))
+    assert result.exit_code == EXIT_ACTED and list(result.actions) == ["x"], result
+    assert [a.split(":")[0] for a in result.actions["x"]] == ["promote"]  # no retraining: not configured
+    assert reg.get("x-v2").status == "champion"
+
+
+def test_missing_recipe_fails_that_alias_only(tmp_path: Path, fleets: Fleets) -> None:
+    """`broken` has enough new feedback but its recipe file is missing: exit 1, while `x` (sorted after it)
+    is still evaluated and promoted; the last success time stays that of the previous good cycle."""
+    reg = winning_canary(tmp_path)
+    plain_feedback(tmp_path / "events", "broken", 6)
+    good = run_cycle(make_settings(tmp_path, {}))  # a first cycle without `broken`: nothing failed
+    assert good.exit_code == EXIT_ACTED
+    reg.register_candidate("x", tmp_path / "adapters" / "x-v3", base_model="tiny")
+    broken = {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}
+    settings = make_settings(
+        tmp_path, {"broken": broken, "x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}}
+    )
+    ctl = PromotionController(reg, FakeFleet(tmp_path / "events", {"x": "x-v2"}), tmp_path / "events",
+                              PromotionConfig(ramp=[0.5]))  # fmt: skip
+    ctl.start_canary("x-v3")
+    record(tmp_path / "events", {"champion": ArmPlan(400, 300, 0.5), "candidate": ArmPlan(400, 300, 0.85)},
+           create=False, exp_id="canary-x-v3", seed=7)  # fmt: skip
+    result = run_cycle(settings)
+    assert result.exit_code == EXIT_FAILED, result
+    assert list(result.failed) == ["broken"] and "missing.yaml" in result.failed["broken"]
+    assert result.failed["broken"].startswith("RecipeError")
+    assert result.actions["broken"] == []
+    assert [a.split(":")[0] for a in result.actions["x"]] == ["promote", "skip"]
+    assert reg.get("x-v3").status == "champion"
+    st = status(tmp_path)
+    assert st["exit_code"] == EXIT_FAILED and st["failed"] == result.failed
+    assert st["last_success_ts"] < st["finished_ts"]  # the previous good cycle's
+    # nothing was recorded as a run: the next night tries again from the same watermark
+    assert deploy.cycle.last_watermark(settings, "broken") is None
+
+
+def test_skip_counts_only_feedback_of_the_alias(tmp_path: Path, fleets: Fleets) -> None:
+    plain_feedback(tmp_path / "events", "broken", 4)
+    with EventStore(store_config(tmp_path / "events"), "gw-other", CollectorRegistry()) as store:  # 7 on another alias
+        for i in range(7):
+            store.submit(RequestEvent(request_id=f"o{i}", alias="x", endpoint="chat", latency_ms=5.0, status=200,
+                                      replica="gw-other"))  # fmt: skip
+            store.write_feedback(FeedbackEvent(request_id=f"o{i}", kind="thumbs", value=True))
+    settings = make_settings(tmp_path, {"broken": {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}})
+    result = run_cycle(settings)
+    assert result.exit_code == EXIT_NOTHING, result
+    assert result.actions == {"broken": ["skip: 4 new feedback since the start (< 5)"]}
+
+
+# --- the lock ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_cycle_is_refused_while_one_holds_the_lock(
+    tmp_path: Path, fleets: Fleets, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml")}})
+    config = write_config(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml")}})
+    with cycle_lock(settings.cycle.state_dir):
+        with pytest.raises(CycleLocked, match="another cycle is running"):
+            run_cycle(settings)
+        capsys.readouterr()
+        assert cli(["--config", config, "cycle"]) == EXIT_LOCKED == 75
+        assert "another cycle is running" in capsys.readouterr().out
+        assert fleets.made == []  # refused before touching anything
+        assert not (tmp_path / "cycle" / "last_cycle.json").exists()
+    assert run_cycle(settings).exit_code == EXIT_NOTHING  # released: the next one runs
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_exit_codes(tmp_path: Path, fleets: Fleets, capsys: pytest.CaptureFixture[str]) -> None:
+    aliases = {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}}
+    config = write_config(tmp_path, aliases)
+    assert cli(["--config", config, "cycle"]) == EXIT_NOTHING
+    assert "x: skip: 0 new feedback" in capsys.readouterr().out
+    winning_canary(tmp_path)
+    assert cli(["--config", config, "cycle"]) == EXIT_ACTED
+    assert "x: promote: candidate wins" in capsys.readouterr().out
+    plain_feedback(tmp_path / "events", "broken", 3)
+    config = write_config(
+        tmp_path, {**aliases, "broken": {"recipe": str(tmp_path / "nope.yaml"), "min_new_feedback": 1}}
+    )
+    assert cli(["--config", config, "cycle"]) == EXIT_FAILED
+    assert "broken: FAILED RecipeError" in capsys.readouterr().out
+
+
+# --- the cycle's figures on /metrics --------------------------------------------------------------------------
+
+
+def test_registry_collector_shows_the_last_success(tmp_path: Path, fleets: Fleets) -> None:
+    reg = winning_canary(tmp_path)
+    prom = CollectorRegistry()
+    prom.register(RegistryCollector(reg.path, tmp_path / "cycle"))
+    before = generate_latest(prom).decode()
+    assert "\nloraloop_cycle_last_success_timestamp_seconds " not in before  # no cycle yet: no sample
+    assert 'loraloop_canary_status{alias="x",version="x-v2"} 1.0' in before
+    run_cycle(make_settings(tmp_path, {}))
+    after = generate_latest(prom).decode()
+    ts = status(tmp_path)["last_success_ts"]
+    value = next(float(line.split()[-1]) for line in after.splitlines()
+                 if line.startswith("loraloop_cycle_last_success_timestamp_seconds "))  # fmt: skip
+    assert value == pytest.approx(ts)
+    assert 'loraloop_champion_version{alias="x",version="x-v2"} 2.0' in after
+    assert 'loraloop_promotions_total{alias="x"} 1.0' in after and 'loraloop_rollbacks_total{alias="x"} 0.0' in after
+    assert "loraloop_canary_status{" not in after
+
+
+def test_a_timed_out_canary_is_not_a_rollback(tmp_path: Path, fleets: Fleets) -> None:
+    reg = registry_with_champion(tmp_path)
+    root = tmp_path / "events"
+    ctl = PromotionController(reg, FakeFleet(root, {"x": "x-v1"}), root, PromotionConfig(ramp=[0.5]))
+    ctl.start_canary("x-v2")
+    record(root, {"champion": ArmPlan(200, 100, 0.5), "candidate": ArmPlan(200, 100, 0.5)}, create=False)
+    result = run_cycle(make_settings(tmp_path, {}), now=NOW + timedelta(days=4))  # past max_duration_h (72)
+    assert [a.split(":")[0] for a in result.actions["x"]] == ["timeout"], result
+    assert reg.get("x-v2").status == "retired" and reg.get("x-v1").status == "champion"  # no verdict against it
+    prom = CollectorRegistry()
+    prom.register(RegistryCollector(reg.path, tmp_path / "cycle"))
+    assert 'loraloop_rollbacks_total{alias="x"} 0.0' in generate_latest(prom).decode()
