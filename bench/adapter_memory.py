@@ -9,9 +9,6 @@ Run: `python bench/adapter_memory.py [--cycles 50] [--distinct]`.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,12 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.serving import KEY, free_port
-
-ADMIN = "adm-bench-key-0001"
+from bench.common import ADMIN, KEY, free_port, gateway_process
 
 
 def family_memory(gateway_pid: int) -> tuple[float, float]:
@@ -54,39 +48,25 @@ def main() -> None:
         tmp = Path(tmp_name)
         base = build_tiny(tmp / "tiny")
         make_label_adapter(base, tmp / "adapters" / "cycler", "alpha", rank=16, steps=5)
-        port, vport = free_port(), free_port()
-        cfg = tmp / "bench.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "model": str(base), "port": port, "log_level": "warning", "adapter_root": str(tmp / "adapters"),
-            "state_dir": str(tmp / "state"), "model_cache_dir": str(tmp / "cache"),
-            "backends": {"health_interval_s": 1.0, "managed": {"port": vport, "max_model_len": 512}},
-            "aliases": {"base": {}},
-        }))  # fmt: skip
-        env = {**os.environ, "LORALOOP_API_KEY": KEY, "LORALOOP_ADMIN_KEY": ADMIN}
-        log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"],
-                                env=env, stdout=log, stderr=log)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
+        settings = {
+            "model": str(base), "adapter_root": str(tmp / "adapters"), "state_dir": str(tmp / "state"),
+            "model_cache_dir": str(tmp / "cache"), "aliases": {"base": {}},
+            "backends": {"health_interval_s": 1.0, "managed": {"port": free_port(), "max_model_len": 512}},
+        }  # fmt: skip
+        with gateway_process(settings, tmp) as url:
+            gateway_pid = next(p.pid for p in psutil.Process().children() if "deploy.cli" in " ".join(p.cmdline()))
             admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
             user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
             body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
             user.post("/v1/chat/completions", json=body).raise_for_status()
             time.sleep(2)
-            rss0, uss0 = family_memory(proc.pid)
+            rss0, uss0 = family_memory(gateway_pid)
             samples = []
             for i in range(args.cycles):
                 name = f"cycler-{i}" if args.distinct else "cycler"
                 admin.post("/admin/adapters", json={"name": name, "path": "cycler"}).raise_for_status()
                 admin.delete(f"/admin/adapters/{name}").raise_for_status()
-                samples.append(family_memory(proc.pid))
+                samples.append(family_memory(gateway_pid))
             rss = np.array([s[0] for s in samples])
             uss = np.array([s[1] for s in samples])
             x = np.arange(1, args.cycles + 1)
@@ -99,9 +79,6 @@ def main() -> None:
             print(
                 f"  USS {uss0:.0f} -> {uss[-1]:.0f} MiB ({uss[-1] - uss0:+.1f}), fit {uss_slope * 1024:+.0f} KiB/cycle"
             )
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
 
 
 if __name__ == "__main__":

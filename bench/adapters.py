@@ -19,12 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.serving import KEY, free_port
+from bench.common import ADMIN, KEY, free_port, gateway_process
 
-ADMIN = "adm-bench-key-0001"
 LABELS = ("alpha", "bravo", "charlie", "delta")
 
 
@@ -62,35 +60,15 @@ def main() -> None:
         base = build_tiny(tmp / "tiny")
         for label in LABELS:
             make_label_adapter(base, tmp / "adapters" / label, label)
-        port, vport = free_port(), free_port()
         aliases = {f"mix-{label}": {"adapter": label} for label in LABELS}
-        cfg = tmp / "bench.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "model": str(base), "port": port, "log_level": "warning", "adapter_root": str(tmp / "adapters"),
-            "state_dir": str(tmp / "state"), "model_cache_dir": str(tmp / "cache"),
-            "adapters": {label: {"path": label} for label in LABELS},
-            "backends": {"health_interval_s": 1.0, "managed": {"port": vport, "max_model_len": 512, "max_loras": 4}},
+        settings = {
+            "model": str(base), "adapter_root": str(tmp / "adapters"), "state_dir": str(tmp / "state"),
+            "model_cache_dir": str(tmp / "cache"), "adapters": {label: {"path": label} for label in LABELS},
+            "backends": {"health_interval_s": 1.0,
+                         "managed": {"port": free_port(), "max_model_len": 512, "max_loras": 4}},
             "aliases": {"base": {}, "switch": {"adapter": "alpha"}, **aliases},
-        }))  # fmt: skip
-        import os
-        import signal
-        import subprocess
-
-        env = {**os.environ, "LORALOOP_API_KEY": KEY, "LORALOOP_ADMIN_KEY": ADMIN}
-        log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"],
-                                env=env, stdout=log, stderr=log)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            else:
-                raise SystemExit("gateway did not start")
+        }  # fmt: skip
+        with gateway_process(settings, tmp) as url:
             admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
             user = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
             latencies = []
@@ -114,9 +92,6 @@ def main() -> None:
             b, m = statistics.median(base_tps), statistics.median(mixed_tps)
             print(f"throughput at concurrency {args.concurrency}: base alone {b:.1f} tok/s, "
                   f"4 adapters mixed {m:.1f} tok/s, ratio {m / b:.3f}")  # fmt: skip
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
 
 
 if __name__ == "__main__":

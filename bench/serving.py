@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-KEY = "sk-bench-key-0001"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import KEY, free_port, gateway_process
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float, int]:
@@ -65,32 +54,6 @@ async def round_(url: str, model: str, concurrency: int, requests: int, max_toke
     return tokens / wall, statistics.median(r[0] for r in results)
 
 
-def start_gateway(model: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, vport = free_port(), free_port()
-    cfg = workdir / "bench.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": model, "model_cache_dir": str(Path("~/.cache/loraloop/models").expanduser()),
-        "port": port, "log_level": "warning",
-        "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}},
-    }))  # fmt: skip
-    env = {**os.environ, "LORALOOP_API_KEY": KEY}
-    log = open(workdir / "gateway.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"],
-                            env=env, stdout=log, stderr=log)  # fmt: skip
-    gw = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(f"{gw}/health", timeout=2).status_code == 200:
-                return proc, gw, f"http://127.0.0.1:{vport}"
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"gateway did not start; see {workdir / 'gateway.log'}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny (default), smollm2 or a model directory")
@@ -98,32 +61,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="paired rounds (direct, gateway) per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, gateway, direct = start_gateway(args.model, Path(tmp))
-        try:
-            print(f"{'conc':>4} {'ratio':>6} {'range':>13} {'added p50 TTFT':>13}  (median over paired rounds)")
-            for conc in (int(c) for c in args.concurrency.split(",")):
-                requests = max(8, conc * 4)
-                asyncio.run(round_(direct, "base", conc, conc, 8))  # warm-up both paths
-                asyncio.run(round_(gateway, "bench", conc, conc, 8))
-                ratios, added = [], []
-                for r in range(args.rounds):
-                    # paired rounds, alternating which side goes first, so drift and noise cancel out
-                    order = [("direct", direct, "base"), ("gateway", gateway, "bench")]
-                    if r % 2:
-                        order.reverse()
-                    got = {name: asyncio.run(round_(url, model, conc, requests, args.max_tokens))
-                           for name, url, model in order}  # fmt: skip
-                    ratios.append(got["gateway"][0] / got["direct"][0])
-                    added.append((got["gateway"][1] - got["direct"][1]) * 1000)
-                ratio, added_ms = statistics.median(ratios), statistics.median(added)
-                print(
-                    f"{conc:>4} {ratio:>6.3f} {min(ratios):>6.3f}-{max(ratios):<6.3f} {added_ms:>10.2f} ms", flush=True
-                )
-            print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+    vport = free_port()
+    settings = {"model": args.model, "model_cache_dir": str(Path("~/.cache/loraloop/models").expanduser()),
+                "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}}}  # fmt: skip
+    direct = f"http://127.0.0.1:{vport}"
+    with tempfile.TemporaryDirectory() as tmp, gateway_process(settings, Path(tmp)) as gateway:
+        print(f"{'conc':>4} {'ratio':>6} {'range':>13} {'added p50 TTFT':>13}  (median over paired rounds)")
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            requests = max(8, conc * 4)
+            asyncio.run(round_(direct, "base", conc, conc, 8))  # warm-up both paths
+            asyncio.run(round_(gateway, "bench", conc, conc, 8))
+            ratios, added = [], []
+            for r in range(args.rounds):
+                # paired rounds, alternating which side goes first, so drift and noise cancel out
+                order = [("direct", direct, "base"), ("gateway", gateway, "bench")]
+                if r % 2:
+                    order.reverse()
+                got = {name: asyncio.run(round_(url, model, conc, requests, args.max_tokens))
+                       for name, url, model in order}  # fmt: skip
+                ratios.append(got["gateway"][0] / got["direct"][0])
+                added.append((got["gateway"][1] - got["direct"][1]) * 1000)
+            ratio, added_ms = statistics.median(ratios), statistics.median(added)
+            print(f"{conc:>4} {ratio:>6.3f} {min(ratios):>6.3f}-{max(ratios):<6.3f} {added_ms:>10.2f} ms", flush=True)
+        print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
 
 
 if __name__ == "__main__":

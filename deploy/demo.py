@@ -299,6 +299,7 @@ def write_report(
 
 def cmd_demo(args: Any) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find: noise
     cfg = DemoConfig(preset=args.preset, aa=args.aa, workdir=Path(args.workdir or f"./.loraloop/demo-{args.preset}"
                                                                     + ("-aa" if args.aa else "")))  # fmt: skip
     result = run_demo(cfg)

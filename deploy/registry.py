@@ -108,6 +108,22 @@ def _row(r: tuple[Any, ...]) -> AdapterVersion:
     return AdapterVersion(**d)
 
 
+@contextmanager
+def locked_duckdb(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived connection to a DuckDB file under an exclusive ``fcntl`` lock on ``<path>.lock``, so
+    several processes can share the file without anyone holding DuckDB's write lock for long."""
+    with path.with_name(path.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            con = duckdb.connect(str(path))
+            try:
+                yield con
+            finally:
+                con.close()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Registry:
     """The adapter registry (see the module docs). All methods are process-safe."""
 
@@ -116,23 +132,14 @@ class Registry:
         self.path = Path(cfg.path)
         self.adapter_root = Path(cfg.adapter_root)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_path = self.path.with_name(self.path.name + ".lock")
         with self.connect() as con:
             con.execute(_SCHEMA)
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection to the registry file, under the exclusive file lock."""
-        with self._lock_path.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                con = duckdb.connect(str(self.path))
-                try:
-                    yield con
-                finally:
-                    con.close()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with locked_duckdb(self.path) as con:
+            yield con
 
     # --- queries -----------------------------------------------------------------------------------
 

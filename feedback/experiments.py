@@ -73,6 +73,9 @@ class Experiment(BaseModel):
     guardrails: Guardrails = Field(default_factory=Guardrails, description="Limits checked per arm.")
     description: str = Field(default="", description="Free text.")
     layout: Layout = Field(default_factory=list, description="Bucket ranges → arm (see feedback/buckets.py).")
+    layout_since: datetime | None = Field(
+        default=None, description="When the current bucket layout (the weights) took effect; None: since start."
+    )
     version: int = Field(default=1, ge=1, description="Incremented by every change.")
     created: datetime = Field(default_factory=utcnow, description="Creation time.")
     updated: datetime = Field(default_factory=utcnow, description="Time of this version.")
@@ -89,7 +92,7 @@ class Experiment(BaseModel):
             raise ValueError(f"control arm {self.control!r} is not one of the arms {names}")
         if sum(a.weight for a in self.arms) <= 0:
             raise ValueError("at least one arm needs a positive weight")
-        for attr in ("start", "end", "created", "updated"):
+        for attr in ("start", "end", "created", "updated", "layout_since"):
             value = getattr(self, attr)
             if value is not None and value.tzinfo is None:
                 setattr(self, attr, value.replace(tzinfo=UTC))
@@ -285,6 +288,8 @@ class ExperimentRepo:
                     [a.name for a in new_arms],
                     [a.weight for a in new_arms],
                 )
+                if data["layout"] != exp.layout:  # users move between arms from now on
+                    data["layout_since"] = data["updated"]
                 new = Experiment.model_validate(data)
             except ValueError as exc:
                 raise ExperimentError(_one_line(exc)) from None

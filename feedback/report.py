@@ -245,7 +245,7 @@ def _build(con: duckdb.DuckDBPyConnection, exp: Experiment, alpha: float, now: d
     _guardrails(exp, arms)
     # The split is checked on the units first exposed under the current weights: after a ramp
     # (10 % -> 50 %) the units of earlier layouts follow other weights.
-    since = exp.updated if exp.version > 1 else exp.start
+    since = exp.layout_since or exp.start
     units = dict.fromkeys(arms, 0)
     for name, n in con.execute(
         """SELECT arm, count(*) FROM (

@@ -3,7 +3,6 @@ through short-lived connections under an exclusive file lock, and a training-cur
 
 from __future__ import annotations
 
-import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from deploy.registry import locked_duckdb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -33,22 +34,13 @@ class RunRecords:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = self.path.with_name(self.path.name + ".lock")
         with self._connect() as con:
             con.execute(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                con = duckdb.connect(str(self.path))
-                try:
-                    yield con
-                finally:
-                    con.close()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with locked_duckdb(self.path) as con:
+            yield con
 
     def start(self, run_id: str, alias: str, **fields: Any) -> None:
         """Insert a run (outcome ``running``), or mark an existing one (a resume) running again."""

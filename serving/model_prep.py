@@ -69,15 +69,20 @@ def _staging(dst: Path) -> Iterator[Path]:
         tmp.chmod(0o755)
         for item in tmp.iterdir():
             item.chmod(0o755 if item.is_dir() else 0o644)
-        old: Path | None = None
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into_place(tmp: Path, dst: Path) -> None:
+    """Replace ``dst`` with the finished directory ``tmp`` (renames only: ``dst`` is whole at any moment)."""
+    old: Path | None = None
+    if dst.exists() or dst.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / "x")
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _finish_configs(model_dir: Path, model_max_length: int) -> None:

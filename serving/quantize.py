@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .model_prep import swap_into_place
+
 log = logging.getLogger(__name__)
 
 #: Where the scheme can be served (vLLM 0.32; the CPU column was measured on an AVX2 machine).
@@ -433,15 +435,9 @@ def _staging(dst: Path, overwrite: bool) -> Iterator[Path]:
         tmp.chmod(0o755)
         for item in tmp.rglob("*"):
             item.chmod(0o755 if item.is_dir() else 0o644)
-        old: Path | None = None
-        if dst.exists() or dst.is_symlink():
-            if not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
-                raise QuantizationRefused(f"{dst} appeared while quantizing; not replacing it")
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if (dst.exists() or dst.is_symlink()) and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
+            raise QuantizationRefused(f"{dst} appeared while quantizing; not replacing it")
+        swap_into_place(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
