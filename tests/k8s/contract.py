@@ -7,7 +7,7 @@ real thing (a pending name that has landed is checked like any other) and the en
 from __future__ import annotations
 
 #: `loraloop` subcommands the manifests run that the CLI does not have yet.
-FUTURE_SUBCOMMANDS = frozenset({"cycle"})
+FUTURE_SUBCOMMANDS: frozenset[str] = frozenset()  # every subcommand the manifests run exists now
 
 #: Top-level settings keys that config.yaml may use before serving/settings.py declares them, each with
 #: the pydantic model ("module.Class") that validates its section meanwhile. (`store` has landed.)

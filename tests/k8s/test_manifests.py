@@ -437,8 +437,12 @@ def test_shared_stores_are_mounted_where_the_settings_point(
     pvc_mount(objs, cycle, "cycle", s.adapter_root, "loraloop-adapters", read_only=False)
     pvc_mount(objs, cycle, "cycle", store_root, "loraloop-events", read_only=False)
     pvc_mount(objs, cycle, "cycle", model.parent, "loraloop-models", read_only=True)
-    pvc_mount(objs, cycle, "cycle", s.state_dir, "loraloop-cycle-state", read_only=False)
-    assert container(cycle, "cycle")["workingDir"] == str(s.state_dir), "relative default paths must persist"
+    # the registry and the cycle's status live on the shared cycle-state volume: written by the job, read
+    # by every gateway replica for the loraloop_champion_* / loraloop_cycle_* metrics
+    pvc_mount(objs, cycle, "cycle", s.cycle.state_dir, "loraloop-cycle-state", read_only=False)
+    pvc_mount(objs, gateway, "gateway", s.cycle.state_dir, "loraloop-cycle-state", read_only=False)
+    assert s.registry_path.parent == s.cycle.state_dir
+    assert container(cycle, "cycle")["workingDir"] == str(s.cycle.state_dir), "relative default paths must persist"
 
     # vLLM loads adapters by the absolute path the gateway sends: the same mount path.
     pvc_mount(objs, vllm, "vllm", s.adapter_root, "loraloop-adapters", read_only=True)
