@@ -31,6 +31,9 @@ class RegistryCollector(Collector):
         rollbacks = CounterMetricFamily("loraloop_rollbacks", "Canaries or champions rolled back.", labels=["alias"])
         cycle = GaugeMetricFamily("loraloop_cycle_last_success_timestamp_seconds",
                                   "Unix time of the last cycle that finished without a failed alias.")  # fmt: skip
+        paused = GaugeMetricFamily("loraloop_canary_paused",
+                                   "1 when the last cycle paused the alias's canary (sample-ratio mismatch).",
+                                   labels=["alias"])  # fmt: skip
         if self.registry_path.exists():
             try:
                 reg = Registry(RegistryConfig(path=self.registry_path))
@@ -51,7 +54,9 @@ class RegistryCollector(Collector):
                     rollbacks.add_metric([alias], r)
             except Exception as exc:  # a scrape must never fail because of the registry
                 logger.warning("registry metrics unavailable: %s", exc)
-        last = read_status(self.cycle_state_dir).get("last_success_ts")
-        if last:
-            cycle.add_metric([], float(last))
-        yield from (champion, canary, promotions, rollbacks, cycle)
+        status = read_status(self.cycle_state_dir)
+        if status.get("last_success_ts"):
+            cycle.add_metric([], float(status["last_success_ts"]))
+        for alias, actions in (status.get("actions") or {}).items():
+            paused.add_metric([alias], float(any(str(a).startswith("pause:") for a in actions)))
+        yield from (champion, canary, promotions, rollbacks, cycle, paused)

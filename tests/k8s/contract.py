@@ -14,15 +14,7 @@ FUTURE_SUBCOMMANDS: frozenset[str] = frozenset()  # every subcommand the manifes
 PENDING_SETTINGS: dict[str, str] = {}
 
 #: `loraloop_*` series the dashboard and the alerts use before any registry defines them.
-PENDING_METRICS = frozenset(
-    {
-        "loraloop_champion_version",
-        "loraloop_canary_status",
-        "loraloop_promotions_total",
-        "loraloop_rollbacks_total",
-        "loraloop_cycle_last_success_timestamp_seconds",
-    }
-)
+PENDING_METRICS: frozenset[str] = frozenset()  # the registry/cycle metrics come from deploy.metrics now
 
 #: vLLM's own series the dashboard and the alerts use (checked against vLLM's source when installed).
 VLLM_METRICS = frozenset(

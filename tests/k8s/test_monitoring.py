@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from tests.k8s import contract
 from tests.k8s.manifests import K8S, OVERLAYS, render
@@ -77,10 +78,14 @@ def series_names(registry: Any) -> set[str]:
 
 
 def loraloop_metrics() -> set[str]:
+    from deploy.metrics import RegistryCollector
     from feedback.metrics import StoreMetrics
     from serving.metrics import GatewayMetrics
 
+    registry_and_cycle = CollectorRegistry()
+    registry_and_cycle.register(RegistryCollector(Path("/nonexistent/registry.duckdb"), Path("/nonexistent")))
     names = series_names(GatewayMetrics().registry) | series_names(StoreMetrics().registry)
+    names |= series_names(registry_and_cycle)
     assert "loraloop_requests_total" in names and "loraloop_event_queue_depth" in names
     return names
 
