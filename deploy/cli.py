@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.settings = _settings(args)
         code: int = args.func(args)
         return code
-    except (ConfigError, CommandError, ValueError) as exc:  # ValueError: refusals such as AdapterRejected
+    except (ConfigError, CommandError) as exc:
         print(f"loraloop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
