@@ -60,12 +60,19 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=6, help="paired rounds (direct, gateway) per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-logging", action="store_true", help="gateway with the event store off")
     args = parser.parse_args()
     vport = free_port()
     settings = {"model": args.model, "model_cache_dir": str(Path("~/.cache/loraloop/models").expanduser()),
-                "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}}}  # fmt: skip
+                "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}},
+                "store": {"enabled": not args.no_logging}}  # fmt: skip
     direct = f"http://127.0.0.1:{vport}"
-    with tempfile.TemporaryDirectory() as tmp, gateway_process(settings, Path(tmp)) as gateway:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        gateway_process(
+            {**settings, "store": {**settings["store"], "root": str(Path(tmp) / "events")}}, Path(tmp)
+        ) as gateway,
+    ):
         print(f"{'conc':>4} {'ratio':>6} {'range':>13} {'added p50 TTFT':>13}  (median over paired rounds)")
         for conc in (int(c) for c in args.concurrency.split(",")):
             requests = max(8, conc * 4)

@@ -76,7 +76,30 @@ class TrainSection(_Strict):
     batch_size: int = Field(8, ge=1, description="Per-device batch size.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(512, ge=16, description="Longest tokenized example (prompt + completion).")
-    packing: bool = Field(False, description="SFT: pack several examples into one sequence (TRL's bfd packing).")
+    packing: bool = Field(
+        False,
+        description="SFT: pack several examples into rows of max_length (TRL's bfd packing, padding-free: each "
+        "example attends only to itself). Fewer, fuller optimizer steps than without packing.",
+    )
+    padding_free: bool = Field(
+        True,
+        description="SFT: lay each batch's examples end to end in one row instead of padding them to the longest "
+        "(position_ids restart per example; attention stays within each example). Same batches and loss as "
+        "padded training, without the compute spent on padding. sdpa models use a per-example attention "
+        "(`retrain.train.VARLEN_ATTENTION`); flash-attention models their varlen kernels.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="SFT: batch examples of similar length together (transformers' LengthGroupedSampler: "
+        "random mega-batches of up to 50 batches, sorted by length). Less padding when padding_free is off; "
+        "batches are less random.",
+    )
+    token_metrics: bool = Field(
+        False,
+        description="SFT: log TRL's per-step `entropy` and `mean_token_accuracy` (computed over the whole "
+        "vocabulary for every token, forward and backward: costly without a GPU). Off: plain cross-entropy with "
+        "the LM head run only where a completion token is predicted; same loss.",
+    )
     completion_only_loss: bool = Field(True, description="SFT: learn the completion only (prompt masked).")
     dpo_beta: float = Field(0.1, gt=0, description="DPO: beta (strength of the KL to the reference).")
     early_stopping_patience: int | None = Field(

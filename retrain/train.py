@@ -6,6 +6,8 @@ seed and an output directory — and returns the saved adapter with its training
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from retrain.recipe import LoraSection, ModelSection, TrainSection
 log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+VARLEN_ATTENTION = "loraloop_sdpa_varlen"
+_BOUNDS: list[Any] = [None, None]  # (the tensor the sequence bounds were read from, the bounds)
 
 
 @dataclass
@@ -98,6 +103,94 @@ def load_base(model_cfg: ModelSection) -> tuple[Any, Any]:
     return model, tok
 
 
+def _sequence_bounds(query: Any, key: Any, attention_mask: Any, is_causal: bool, kwargs: Mapping[str, Any]) -> Any:
+    """Where each sequence of a padding-free row starts and ends (``[0, s1, ..., T]``), or None when the row is not
+    several sequences laid end to end (a padded batch, one sequence, decoding with a cache)."""
+    import torch
+
+    length = query.shape[2]
+    if attention_mask is not None or not is_causal or query.shape[0] != 1 or key.shape[2] != length:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")  # TRL's padding-free collator computes them
+    source = cu if cu is not None else kwargs.get("position_ids")
+    if source is None:
+        return None
+    if _BOUNDS[0] is source:  # every layer of a forward gets the same tensor: one device-to-host copy
+        bounds = _BOUNDS[1]
+    elif cu is not None:
+        bounds = [int(x) for x in cu.tolist()]
+    elif source.shape[-1] == length:
+        pos = source.reshape(-1, length)[0]  # a new sequence wherever the position does not go up by one
+        starts = (torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1).tolist()
+        bounds = [0, *starts, length]
+    else:
+        return None
+    _BOUNDS[:] = [source, bounds]
+    if len(bounds) <= 2 or bounds[0] != 0 or bounds[-1] != length:
+        return None
+    return bounds
+
+
+def varlen_sdpa_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+    scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any,
+) -> tuple[Any, None]:  # fmt: skip
+    """SDPA that keeps the sequences of a padding-free / packed row apart without a ``T x T`` mask.
+
+    transformers' sdpa builds a block-diagonal ``T x T`` mask from packed ``position_ids`` (correct, but quadratic
+    in the whole row: a packed batch of 16 x 512 tokens is an 8192 x 8192 mask). Here each sequence (bounds from
+    TRL's ``cu_seq_lens_q``, else from the ``position_ids`` restarts) gets its own causal SDPA call, like a
+    flash-attention varlen kernel. Anything else (padded batches with a mask, decoding) is plain sdpa."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    bounds = _sequence_bounds(query, key, attention_mask, bool(causal), kwargs)
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)  # fmt: skip
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # split, not slices: the backward of a split is one concatenation, while each slice's backward would build a
+    # gradient of the whole row (quadratic in the number of sequences)
+    lengths = [b - a for a, b in pairwise(bounds)]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """The mask for ``VARLEN_ATTENTION``: sdpa's for padded batches; none for padding-free rows (the attention
+    splits them by sequence), so no ``T x T`` mask is built."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def use_varlen_attention(model: Any) -> bool:
+    """Switch an sdpa model to ``VARLEN_ATTENTION`` (for padding-free / packed batches). False when the model
+    keeps its attention: not sdpa (flash attention already handles packed rows; eager is left alone), sliding
+    windows (the per-sequence calls would ignore them), or no attention interface."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = model.config.get_text_config()
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sliding_window", None):
+        return False
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    try:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    except (ValueError, AttributeError) as exc:
+        log.warning("cannot switch to the varlen attention (%s); packed rows use sdpa with a block mask", exc)
+        return False
+    return getattr(model.config.get_text_config(), "_attn_implementation", None) == VARLEN_ATTENTION
+
+
 def attach_lora(model: Any, lora: LoraSection, warm_start: Path | None = None) -> Any:
     """Wrap ``model`` in a PeftModel: a fresh LoRA, or the weights of ``warm_start`` loaded trainable."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -170,6 +263,8 @@ def _training_args(
         "dataloader_pin_memory": _has_cuda(),  # pinning needs an accelerator
         "max_length": train.max_length,
     }
+    if train.group_by_length:
+        kw["train_sampling_strategy"] = "group_by_length"
     if eval_every:
         kw["eval_steps"] = eval_every
     if save_strategy == "steps":
@@ -181,6 +276,86 @@ def _training_args(
         if strategy == "epoch":
             kw["save_strategy"] = "epoch"
     return kw
+
+
+def _sft_trainer_class() -> Any:
+    """TRL's SFTTrainer with two options (``train.token_metrics``, ``train.padding_free`` without packing)."""
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        """SFTTrainer with a lighter loss unless ``token_metrics``.
+
+        TRL 1.16 always scores every position through its fused LM head for the per-step ``entropy`` and
+        ``mean_token_accuracy`` logs: without Triton (CPU) that is several extra passes over the
+        ``tokens x vocabulary`` logits, forward and backward. Here the LM head runs only on the positions that
+        predict a label (``_completion_loss``). Same loss (sum over the unmasked labels divided by
+        ``num_items_in_batch``), same masking; only those two logs are gone (``num_tokens`` stays).
+        ``truncate_to``: keep the first N tokens of each example (TRL's ``keep_start``), for padding-free
+        batches without packing, where TRL leaves ``max_length`` unenforced."""
+
+        def __init__(self, *args: Any, token_metrics: bool = False, truncate_to: int | None = None, **kw: Any):
+            self._token_metrics = token_metrics
+            self._truncate_to = truncate_to
+            super().__init__(*args, **kw)
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool, *rest: Any) -> Any:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, *rest)
+            n = self._truncate_to
+            if n is None or packing:
+                return dataset
+            dataset = dataset.map(lambda ex: {"input_ids": ex["input_ids"][:n], "labels": ex["labels"][:n]})
+            # like TRL: examples whose completion was cut off entirely contribute no loss
+            return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if self._token_metrics or self.aux_loss_enabled or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            if self._keeps_logits and not return_outputs:
+                loss, outputs = self._completion_loss(model, inputs, num_items_in_batch)
+            else:
+                loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            if model.training:  # TRL's `num_tokens` log: tokens seen, padding excluded
+                if "attention_mask" in inputs:
+                    seen = inputs["attention_mask"].sum()
+                else:
+                    seen = torch.tensor(inputs["input_ids"].size(1), device=inputs["input_ids"].device)
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(seen).sum().item()) // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+        @functools.cached_property
+        def _keeps_logits(self) -> bool:
+            """Whether the model's forward takes ``logits_to_keep`` (most causal LMs of transformers 5)."""
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+        def _completion_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> tuple[Any, Any]:
+            """The causal-LM loss with the LM head run only where a label follows (the completion): the model
+            computes ``logits_to_keep`` positions — those whose next token is a label in some row of the batch —
+            instead of every position. Prompt tokens are most of a chat example, and the head is a large share of a
+            small model's compute. Same value as the model's own loss: summed cross-entropy of the kept positions
+            divided by ``num_items_in_batch`` (or their count)."""
+            labels = inputs.pop("labels")
+            targets = labels[:, 1:]
+            keep = (targets != -100).any(dim=0).nonzero().flatten()
+            outputs = model(**inputs, logits_to_keep=keep)
+            logits = outputs.logits.float()
+            kept = targets[:, keep].to(logits.device)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), kept.reshape(-1),
+                                                    ignore_index=-100, reduction="sum")  # fmt: skip
+            count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
+            loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+            return loss, outputs
+
+    return LeanSFTTrainer
 
 
 def _dataset(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Any:
@@ -256,11 +431,21 @@ def train_adapter(
             optimizers = (layerwise_optimizer(model, train), None)
         trainer: Any
         if train.method == "sft":
-            from trl import SFTConfig, SFTTrainer
+            from trl import SFTConfig
 
-            sft_cfg = SFTConfig(**args_kw, packing=train.packing, completion_only_loss=train.completion_only_loss)
-            trainer = SFTTrainer(model=model, args=sft_cfg, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tok, callbacks=cbs, optimizers=optimizers)  # fmt: skip
+            # Packing (bfd) is padding-free in TRL; without packing, padding-free leaves max_length to us.
+            padding_free = train.padding_free or train.packing
+            truncate_to = train.max_length if padding_free and not train.packing else None
+            if truncate_to is not None:
+                args_kw["max_length"] = None
+            if padding_free:
+                use_varlen_attention(model)
+            sft_cfg = SFTConfig(**args_kw, packing=train.packing, padding_free=padding_free,
+                                completion_only_loss=train.completion_only_loss)  # fmt: skip
+            trainer = _sft_trainer_class()(
+                model=model, args=sft_cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                callbacks=cbs, optimizers=optimizers, token_metrics=train.token_metrics, truncate_to=truncate_to,
+            )  # fmt: skip
         else:
             from trl import DPOConfig, DPOTrainer
 
@@ -277,7 +462,8 @@ def train_adapter(
         "method": train.method, "learning_rate": train.learning_rate, "epochs": epochs, "max_steps": train.max_steps,
         "batch_size": train.batch_size, "grad_accum": train.grad_accum, "weight_decay": train.weight_decay,
         "lr_scheduler": train.lr_scheduler, "warmup_ratio": train.warmup_ratio, "layer_lr_decay": train.layer_lr_decay,
-        "packing": train.packing, "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+        "packing": train.packing, "padding_free": train.padding_free, "group_by_length": train.group_by_length,
+        "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
         "target_modules": list(lora.target_modules), "layers_to_transform": lora.layers_to_transform,
         "quantization": model_cfg.quantization, "warm_start": str(warm_start) if warm_start else None, "seed": seed,
     }  # fmt: skip
@@ -299,5 +485,7 @@ def _count_tokens(trainer: Any, method: str) -> int:
         return 0
 
 
-__all__ = ["TrainResult", "attach_lora", "finalize_adapter", "last_checkpoint", "layerwise_optimizer",
-           "load_base", "train_adapter"]  # fmt: skip
+__all__ = [
+    "VARLEN_ATTENTION", "TrainResult", "attach_lora", "finalize_adapter", "last_checkpoint", "layerwise_optimizer",
+    "load_base", "train_adapter", "use_varlen_attention", "varlen_sdpa_attention",
+]  # fmt: skip
