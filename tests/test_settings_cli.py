@@ -86,3 +86,14 @@ def test_cli_init_model_tiny(tmp_path: Path) -> None:
     assert (dst / "config.json").is_file() and (dst / "model.safetensors").is_file()
     again = subprocess.run([sys.executable, "-m", "deploy.cli", "init-model", str(dst)], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_readme_settings_example_is_valid(tmp_path: Path) -> None:
+    import re
+
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block is not None
+    cfg = tmp_path / "readme.yaml"
+    cfg.write_text(block.group(1))
+    settings = load_settings(cfg)
+    assert settings.aliases["support"].adapter == "support-v3"
