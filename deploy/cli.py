@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # `loraloop COMMAND --config FILE` works as well as before COMMAND
+        if "--config" not in command._option_string_actions:
+            command.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
     return parser
 
 
