@@ -9,50 +9,20 @@ Run: `python bench/gateway_overhead.py`.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import standin_vllm
 from bench.common import free_port
-
-CHUNK = (
-    '{"id":"cmpl-b0f067a5e5987c15","object":"text_completion","created":1795975128,"model":"base","choices":'
-    '[{"index":0,"text":" 16482","logprobs":null,"finish_reason":null,"stop_reason":null,"token_ids":null}]}'
-)
-
-
-def upstream() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {}
-
-    @app.post("/v1/completions")
-    async def completions(body: dict[str, object]) -> StreamingResponse:
-        n = int(str(body.get("max_tokens", 1)))
-
-        async def events() -> AsyncIterator[bytes]:
-            for i in range(n):
-                yield f"data: {CHUNK}\n\n".encode()
-                if i % 50 == 0:
-                    await asyncio.sleep(0)
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
 
 
 def serve(app: FastAPI, port: int) -> None:
@@ -82,7 +52,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         up_port, gw_port = free_port(), free_port()
-        serve(upstream(), up_port)
+        serve(standin_vllm.build(step_s=0), up_port)
         settings = Settings(
             model=str(build_tiny(Path(tmp) / "tiny")), port=gw_port, state_dir=Path(tmp) / "state",
             store={"root": str(Path(tmp) / "events"), "enabled": False}, aliases={"bench": {}},

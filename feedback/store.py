@@ -8,6 +8,8 @@ See docs/event-store.md for the layout, the policies and the guarantees.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -71,6 +73,8 @@ class EventStore:
         self._cycle_started = 0
         self._cycle_done = 0
         self._failed: dict[int, BaseException] = {}
+        #: event-loop waiters of `wait_durable`: (cycle that makes them durable, loop, future)
+        self._loop_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._fb_pending: list[bytes] = []
         self._fb_index = FeedbackIndex()
         self._recent = RecentRequests(config.recent_requests)
@@ -307,6 +311,40 @@ class EventStore:
         self._wake.set()
         self._wait_cycle(target, None)
 
+    async def wait_durable(self) -> None:
+        """`flush` for an event loop: returns once everything submitted before the call is fsynced,
+        without holding a thread while it waits (the writer thread wakes the loop)."""
+        if self._state != "running":
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            target = self._cycle_started + 1
+            self._loop_waiters.append((target, loop, future))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(future, timeout=self.config.feedback_timeout_s)
+        except TimeoutError:
+            raise StoreError(f"event store did not commit within {self.config.feedback_timeout_s}s") from None
+        error = self._failed.get(target)
+        if error is not None:
+            raise StoreError(f"event store write failed: {error}")
+
+    def _wake_loop_waiters_locked(self, done: int) -> None:
+        if not self._loop_waiters:
+            return
+        ready: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        pending = []
+        for target, loop, future in self._loop_waiters:
+            if target <= done:
+                ready.setdefault(loop, []).append(future)
+            else:
+                pending.append((target, loop, future))
+        self._loop_waiters = pending
+        for loop, futures in ready.items():  # one wake-up per loop, however many waiters
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_resolve_all, futures)
+
     def seal(self) -> None:
         """Flush, then seal the current WAL into Parquet now and wait for it (tests, shutdown hooks)."""
         if self._state != "running":
@@ -377,6 +415,7 @@ class EventStore:
                 for old in [c for c in self._failed if c < cycle - 1000]:
                     del self._failed[old]
             self._cond.notify_all()
+            self._wake_loop_waiters_locked(cycle)
 
     def _encode(self, items: list[Any]) -> bytes:
         stamp = stamp_now()
@@ -489,3 +528,9 @@ class EventStore:
         self.metrics.bad_lines.inc(bad)
         for table in counts:
             self.metrics.sealed.labels(table).inc()
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import anyio
 import httpx
 from fastapi import FastAPI
 
@@ -30,6 +29,7 @@ from .metrics import GatewayMetrics
 from .openai_serving import AliasResolver, OpenAIServing, RequestRecord
 from .routes import router
 from .settings import Settings
+from .upstream import UpstreamClient, UpstreamTimeouts
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,14 @@ def build_app(
     observers = [metrics_observer(metrics)]
     if settings.store.enabled:
         observers.append(request_event_observer(store, settings))
-    serving = OpenAIServing(settings, pool, resolver, observers=observers)
+    key = b.api_key
+    upstream = UpstreamClient(
+        UpstreamTimeouts(connect_s=b.connect_timeout_s, read_s=b.request_timeout_s),
+        headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else None,
+    )
+    serving = OpenAIServing(settings, pool, resolver, upstream, observers=observers)
     if settings.store.enabled and settings.store.durable_requests:
-
-        async def commit() -> None:
-            await anyio.to_thread.run_sync(store.flush)
-
-        serving.commit = commit
+        serving.commit = store.wait_durable
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,6 +149,7 @@ def build_app(
             if managed is not None:
                 await managed.stop()
             await pool.stop()
+            await upstream.aclose()
             await client.aclose()
             store.close()  # flushes and seals everything accepted
 

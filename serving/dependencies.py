@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the app's components and key checks, as ``Annotated`` aliases."""
+"""FastAPI dependencies: the app's components and key checks, as ``Annotated`` aliases.
+
+They are ``async def`` although they never await: FastAPI runs plain ``def`` dependencies in a
+thread pool, a thread hop per dependency per request on the hot path."""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ from .openai_serving import OpenAIServing
 from .settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_serving(request: Request) -> OpenAIServing:
+async def get_serving(request: Request) -> OpenAIServing:
     serving: OpenAIServing = request.app.state.serving
     return serving
 
@@ -39,7 +42,7 @@ def _unauthorized(token: str | None) -> OpenAIError:
     return OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
 
 
-def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+async def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     """Checks the Bearer API key on /v1/* when one is configured (the admin key is accepted too)."""
     if settings.api_key is None:
         return
@@ -49,7 +52,7 @@ def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_
     raise _unauthorized(token)
 
 
-def require_admin_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+async def require_admin_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     """Admin endpoints: refused entirely without a configured admin key; 401 without a valid key,
     403 for the API key."""
     if settings.admin_key is None:
@@ -62,14 +65,14 @@ def require_admin_key(request: Request, settings: Annotated[Settings, Depends(ge
     raise _unauthorized(token)
 
 
-def metrics_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+async def metrics_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     if settings.metrics_require_key:
-        require_api_key(request, settings)
+        await require_api_key(request, settings)
 
 
-def health_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+async def health_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     if settings.health_require_key:
-        require_api_key(request, settings)
+        await require_api_key(request, settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

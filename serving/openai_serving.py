@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import anyio
-import httpx
+import msgspec
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from feedback.experiments import Arm, Experiment, ExperimentRepo
@@ -22,6 +21,8 @@ from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import AliasConfig, Settings
+from .streaming import STREAM_CHUNKS, ChunkRewriter, GuardedStreamingResponse, drop_spec_nulls, error_status, take_usage
+from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ class RequestRecord:
     finish_reason: str | None = None
     texts: dict[int, list[str]] = field(default_factory=dict)
     finished: bool = False
+    #: the client disconnected mid-stream (the upstream stream was cut on purpose)
+    client_gone: bool = False
     #: raw stream chunks passed through without parsing; parsed in one go when the text is asked for
-    stream_chunks: list[str] = field(default_factory=list)
+    stream_chunks: list[bytes] = field(default_factory=list)
 
     @property
     def completion_text(self) -> str:
@@ -85,12 +88,12 @@ class RequestRecord:
     def _parse_stream_chunks(self) -> None:
         if not self.stream_chunks:
             return
-        chunks, self.stream_chunks = json.loads("[" + ",".join(self.stream_chunks) + "]"), []
+        chunks, self.stream_chunks = STREAM_CHUNKS.decode(b"[" + b",".join(self.stream_chunks) + b"]"), []
         for chunk in chunks:
-            for choice in chunk.get("choices") or []:
-                part = choice.get("text") if self.endpoint == "completions" else (choice.get("delta") or {})
-                self.add_text(choice.get("index", 0), part if isinstance(part, str) else part.get("content"))
-                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            for choice in chunk.choices:
+                text = choice.text if self.endpoint == "completions" else choice.delta.content if choice.delta else None
+                self.add_text(choice.index, text)
+                self.finish_reason = choice.finish_reason or self.finish_reason
 
 
 Observer = Callable[[RequestRecord], None]
@@ -180,122 +183,6 @@ def upstream_error(status: int, payload: bytes, backend: str) -> OpenAIError:
     return OpenAIError(status, message, type=etype, param=param if isinstance(param, str) else None, code=code)
 
 
-#: Optional fields that vLLM sends as null but OpenAI's schema types as array/object: dropped.
-_NULL_DROPPED = ("annotations", "audio", "function_call", "tool_calls", "prompt_tokens_details",
-                 "completion_tokens_details", "service_tier", "system_fingerprint")  # fmt: skip
-
-
-def drop_spec_nulls(obj: dict[str, Any]) -> dict[str, Any]:
-    """Remove null optional fields from a response or chunk, in place (top level, usage, choices
-    and their message/delta), so responses match the OpenAI schema exactly."""
-    parts: list[dict[str, Any]] = [obj]
-    if isinstance(obj.get("usage"), dict):
-        parts.append(obj["usage"])
-    for choice in obj.get("choices") or []:
-        parts.append(choice)
-        for key in ("message", "delta"):
-            if isinstance(choice.get(key), dict):
-                parts.append(choice[key])
-    for part in parts:
-        for key in _NULL_DROPPED:
-            if key in part and part[key] is None:
-                del part[key]
-    return obj
-
-
-async def _sse_payloads(resp: httpx.Response) -> AsyncIterator[str]:
-    """The `data:` payloads of a server-sent-event stream, one per event."""
-    async for line in resp.aiter_lines():
-        if line.startswith("data:"):
-            yield line[5:].strip()
-
-
-def _error_status(payload: str) -> int:
-    try:
-        code = json.loads(payload)["error"].get("code")
-    except (ValueError, KeyError, AttributeError):
-        return 502
-    return code if isinstance(code, int) and 400 <= code < 600 else 502
-
-
-def _take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
-    if usage:
-        record.prompt_tokens = usage.get("prompt_tokens")
-        record.completion_tokens = usage.get("completion_tokens")
-
-
-class _ChunkRewriter:
-    """Puts loraloop's id and the alias into vLLM's stream chunks.
-
-    vLLM serialises every chunk of a stream with the same prefix (`{"id":..,"object":..,"created":..,
-    "model":..`), so the common case is a string splice; a chunk is parsed only when it carries usage or
-    nulls the OpenAI schema does not allow. The text is recovered from the raw chunks after the stream.
-    """
-
-    _SLOW_MARKERS = ('"usage":{', '"tool_calls":null', '"function_call":null', '"annotations":null')
-
-    def __init__(self, record: RequestRecord, client_wants_usage: bool) -> None:
-        self.record = record
-        self.client_wants_usage = client_wants_usage
-        self.prefix: str | None = None
-        self.replacement = ""
-        self.content_marker = '"text":"' if record.endpoint == "completions" else '"delta":{"content":"'
-
-    def __call__(self, payload: str) -> str | None:
-        record = self.record
-        if record.ttft_s is None and self.content_marker in payload:
-            record.ttft_s = time.perf_counter() - record.started
-        if (
-            self.prefix is not None
-            and payload.startswith(self.prefix)
-            and not any(m in payload for m in self._SLOW_MARKERS)
-        ):
-            record.stream_chunks.append(payload)
-            return self.replacement + payload[len(self.prefix) :]
-        return self._slow(payload)
-
-    def _slow(self, payload: str) -> str | None:
-        record = self.record
-        chunk = json.loads(payload)
-        if self.prefix is None:
-            head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
-            prefix = json.dumps(head, separators=(",", ":"))[:-1]
-            if payload.startswith(prefix):
-                self.prefix = prefix
-                head["id"], head["model"] = record.request_id, record.route.alias
-                self.replacement = json.dumps(head, separators=(",", ":"))[:-1]
-        chunk["id"], chunk["model"] = record.request_id, record.route.alias
-        choices = chunk.get("choices") or []
-        if record.ttft_s is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
-            record.ttft_s = time.perf_counter() - record.started
-        if chunk.get("usage"):
-            _take_usage(record, chunk["usage"])
-            if not choices and not self.client_wants_usage:
-                return None
-        if not self.client_wants_usage:
-            chunk.pop("usage", None)
-        out = json.dumps(drop_spec_nulls(chunk), separators=(",", ":"))
-        if choices:
-            record.stream_chunks.append(out)
-        return out
-
-
-class GuardedStreamingResponse(StreamingResponse):
-    """A streaming response that runs `on_close` however the response ends — also when the client
-    is gone before the body generator ever started (its `finally` would then never run)."""
-
-    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]], **kw: Any):
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._on_close()
-
-
 class OpenAIServing:
     """Forwards OpenAI requests for aliases to the back-end pool."""
 
@@ -304,16 +191,16 @@ class OpenAIServing:
         settings: Settings,
         pool: BackendPool,
         resolver: AliasResolver,
+        upstream: UpstreamClient,
         observers: list[Observer] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.resolver = resolver
+        self.upstream = upstream
         self.observers: list[Observer] = observers or []
         #: awaited after a request's observers ran and before its response completes (durable logging)
         self.commit: Callable[[], Awaitable[None]] | None = None
-        key = settings.backends.api_key
-        self._upstream_headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
 
     # --- entry points ----------------------------------------------------------------------------
     async def create(
@@ -346,84 +233,82 @@ class OpenAIServing:
         if route.arm is not None and route.experiment is not None:
             headers[ARM_HEADER] = route.arm.name
             headers[EXPERIMENT_HEADER] = route.experiment.id
-        if resp.status_code >= 400:
-            payload = await resp.aread()
-            await self._release(backend, resp)
-            error = upstream_error(resp.status_code, payload, backend.url)
+        if resp.status >= 400:
+            try:
+                payload = await resp.read()
+            except UpstreamError as exc:
+                payload = str(exc).encode()
+            backend.in_flight -= 1
+            error = upstream_error(resp.status, payload, backend.url)
             self._finish(record, error.status, error.message)
             return error.response(headers)
         if not stream:
             return await self._complete(record, backend, resp, headers)
         # vLLM validates some requests only once the stream has started: look at the first event so
         # such an error gets its real HTTP status instead of a 200 followed by an error event.
-        events = _sse_payloads(resp)
+        batches = resp.events()
         try:
-            first = await anext(events, None)
-        except httpx.HTTPError as exc:
-            first = json.dumps({"error": {"message": f"back-end stream broke: {exc}", "code": 502}})
-        if first is not None and first.startswith('{"error"'):
-            await self._release(backend, resp)
-            error = upstream_error(_error_status(first), first.encode(), backend.url)
+            first = await anext(batches, None)
+        except UpstreamError as exc:
+            first = [json.dumps({"error": {"message": f"back-end stream broke: {exc}", "code": 502}}).encode()]
+        if first and first[0].startswith(b'{"error"'):
+            backend.in_flight -= 1
+            resp.close()
+            error = upstream_error(error_status(first[0]), first[0], backend.url)
             self._finish(record, error.status, error.message)
             return error.response(headers)
 
-        async def close_if_never_streamed() -> None:  # the client left before the first byte
+        def client_gone() -> None:  # cut the upstream stream: the body generator ends with a 499
+            if not record.finished:
+                record.client_gone = True
+                resp.close()
+
+        def close_if_never_streamed() -> None:  # the client left before the body generator started
             if not record.finished:
                 backend.in_flight -= 1
                 self._finish(record, 499, "client closed the connection")
-                await resp.aclose()
+                resp.close()
 
         return GuardedStreamingResponse(
-            self._stream(record, backend, resp, first, events, request.wants_usage_in_stream),
+            self._stream(record, backend, resp, first or [], batches, request.wants_usage_in_stream),
+            on_disconnect=client_gone,
             on_close=close_if_never_streamed,
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     # --- forwarding ------------------------------------------------------------------------------
-    async def _send(self, record: RequestRecord) -> tuple[Backend, httpx.Response]:
+    async def _send(self, record: RequestRecord) -> tuple[Backend, UpstreamResponse]:
         tried: set[str] = set()
+        payload = msgspec.json.encode(record.body)
         while True:
             backend = self.pool.pick(tried)
-            req = self.pool.client.build_request(
-                "POST", backend.url + _PATHS[record.endpoint], json=record.body, headers=self._upstream_headers
-            )
             backend.in_flight += 1
             try:
-                try:
-                    resp = await self.pool.client.send(req, stream=True)
-                except (httpx.RemoteProtocolError, httpx.ReadError):
-                    # a pooled keep-alive connection the server had just closed: retry once, fresh
-                    resp = await self.pool.client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                resp = await self.upstream.post(backend.url + _PATHS[record.endpoint], payload)
+            except UpstreamError as exc:
                 backend.in_flight -= 1
+                if exc.kind == "timeout":
+                    raise OpenAIError(504, f"the vLLM back-end timed out: {exc}", code="backend_timeout") from exc
+                if exc.kind == "failed":
+                    raise OpenAIError(502, f"the vLLM back-end failed: {exc}", code="backend_error") from exc
                 self.pool.metrics.backend_failures.labels(backend.url).inc()
-                self.pool.mark_down(backend, f"{type(exc).__name__}: {exc}")
+                self.pool.mark_down(backend, str(exc))
                 tried.add(backend.url)  # try the next healthy back-end; pick() raises 503 when none is left
                 continue
-            except httpx.TimeoutException as exc:
-                backend.in_flight -= 1
-                raise OpenAIError(504, f"the vLLM back-end timed out: {exc}", code="backend_timeout") from exc
-            except httpx.HTTPError as exc:
-                backend.in_flight -= 1
-                raise OpenAIError(502, f"the vLLM back-end failed: {exc}", code="backend_error") from exc
             record.backend = backend.url
             return backend, resp
 
-    async def _release(self, backend: Backend, resp: httpx.Response) -> None:
-        backend.in_flight -= 1
-        await resp.aclose()
-
     async def _complete(
-        self, record: RequestRecord, backend: Backend, resp: httpx.Response, headers: dict[str, str]
+        self, record: RequestRecord, backend: Backend, resp: UpstreamResponse, headers: dict[str, str]
     ) -> JSONResponse:
         try:
-            payload = await resp.aread()
-        except httpx.HTTPError as exc:
+            payload = await resp.read()
+        except UpstreamError as exc:
             self._finish(record, 502, str(exc))
-            raise OpenAIError(502, f"the vLLM back-end failed mid-response: {exc}") from exc
+            raise OpenAIError(502, f"the vLLM back-end failed mid-response: {exc}", code="backend_error") from exc
         finally:
-            await self._release(backend, resp)
+            backend.in_flight -= 1
         data = json.loads(payload)
         data["id"], data["model"] = record.request_id, record.route.alias
         drop_spec_nulls(data)
@@ -442,44 +327,58 @@ class OpenAIServing:
         self,
         record: RequestRecord,
         backend: Backend,
-        resp: httpx.Response,
-        first: str | None,
-        events: AsyncIterator[str],
+        resp: UpstreamResponse,
+        first: list[bytes],
+        batches: AsyncIterator[list[bytes]],
         client_wants_usage: bool,
     ) -> AsyncIterator[bytes]:
+        """The client's stream: each batch of upstream events that arrived together goes out as one write."""
         status, error = 200, None
-        rewrite = _ChunkRewriter(record, client_wants_usage)
+        rewrite = ChunkRewriter(record, client_wants_usage)
+        complete = False
         try:
-            payload = first
-            while payload is not None:
-                if payload == "[DONE]":
-                    if not record.finished:
-                        backend.in_flight -= 1
-                        self._finish(record, status, error)
-                        await self._commit()  # the event is durable before the client sees the end
-                    yield b"data: [DONE]\n\n"
-                elif payload.startswith('{"error"'):
-                    status, error = _error_status(payload), payload
-                    yield f"data: {payload}\n\n".encode()
-                else:
-                    out = rewrite(payload)
-                    if out is not None:
-                        yield b"data: " + out.encode() + b"\n\n"
-                payload = await anext(events, None)
-        except httpx.HTTPError as exc:
-            status, error = 502, f"back-end stream broke: {exc}"
-            err = {"error": {"message": error, "type": "api_error", "param": None, "code": "backend_error"}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        except BaseException:  # client went away (cancelled): still log what was served
+            batch: list[bytes] | None = first
+            while batch is not None:
+                out: list[bytes] = []
+                for payload in batch:
+                    if payload == b"[DONE]":
+                        if not record.finished:
+                            backend.in_flight -= 1
+                            self._finish(record, status, error)
+                            if out:  # what came before [DONE] is not held back by the commit
+                                yield b"".join(out)
+                                out = []
+                            await self._commit()  # the event is durable before the client sees the end
+                        complete = True
+                        out.append(b"data: [DONE]\n\n")
+                    elif payload.startswith(b'{"error"'):
+                        status, error = error_status(payload), payload.decode(errors="replace")
+                        out += (b"data: ", payload, b"\n\n")
+                    else:
+                        chunk = rewrite(payload)
+                        if chunk is not None:
+                            out += (b"data: ", chunk, b"\n\n")
+                if out:
+                    yield b"".join(out)
+                batch = await anext(batches, None)
+        except UpstreamError as exc:
+            if record.client_gone:  # we cut the upstream ourselves
+                status, error = 499, "client closed the stream"
+            else:
+                status, error = 502, f"back-end stream broke: {exc}"
+                err = {"error": {"message": error, "type": "api_error", "param": None, "code": "backend_error"}}
+                yield f"data: {json.dumps(err)}\n\n".encode()
+        except BaseException:  # cancelled (server shutting down): still log what was served
             status, error = 499, "client closed the stream"
             raise
         finally:
-            # bookkeeping first: under anyio a cancelled scope re-raises at every await
             if not record.finished:
                 backend.in_flight -= 1
             self._finish(record, status, error)
-            with anyio.CancelScope(shield=True):
-                await resp.aclose()
+            if complete:
+                resp.release()  # the connection goes back to the pool
+            else:
+                resp.close()  # vLLM aborts a request whose connection drops
 
     # --- bookkeeping -----------------------------------------------------------------------------
     async def _commit(self) -> None:
@@ -491,7 +390,7 @@ class OpenAIServing:
 
     @staticmethod
     def _take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
-        _take_usage(record, usage)
+        take_usage(record, usage)
 
     def _finish(self, record: RequestRecord, status: int, error: str | None) -> None:
         """Close the books on a request, exactly once."""

@@ -6,15 +6,18 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from deploy.local import LocalGateway, start_local_gateway
 from serving.settings import Settings
 from tests.adapter_factory import make_label_adapter
+from tests.fake_vllm import build_fake_vllm, reset_fake_vllm, serve_in_thread
 
 API_KEY = "sk-live-test-key-42"
 ADMIN_KEY = "adm-live-test-key-42"
@@ -28,6 +31,28 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@dataclass
+class FakeBackends:
+    """One fake vLLM app behind two loopback servers (two back-end URLs, one shared state)."""
+
+    app: FastAPI
+    urls: list[str]
+
+
+@pytest.fixture(scope="session")
+def fake_backends() -> Iterator[FakeBackends]:
+    app = build_fake_vllm()
+    with serve_in_thread(app) as a, serve_in_thread(app) as b:
+        yield FakeBackends(app, [a, b])
+
+
+@pytest.fixture
+def fake_vllm(fake_backends: FakeBackends) -> FakeBackends:
+    """The shared fake back-ends, reset for this test."""
+    reset_fake_vllm(fake_backends.app)
+    return fake_backends
 
 
 @pytest.fixture(scope="session")

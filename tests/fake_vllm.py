@@ -1,4 +1,5 @@
-"""A fake vLLM OpenAI server for unit tests (put behind the gateway with an ASGI transport).
+"""A fake vLLM OpenAI server for unit tests, served on loopback sockets by uvicorn in a thread (the
+gateway's data plane speaks real HTTP; see serving/upstream.py).
 
 It answers like vLLM does — same shapes, `usage`, SSE with `[DONE]`, the include_usage chunk — and
 records every request body it received so tests can check what the gateway forwarded."""
@@ -6,21 +7,21 @@ records every request body it received so tests can check what the gateway forwa
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 
 def build_fake_vllm(served: str = "base") -> FastAPI:
     app = FastAPI()
-    app.state.received = []
-    app.state.healthy = True
-    app.state.adapters = set()
-    app.state.ops = []
-    app.state.fail_next = None
+    reset_fake_vllm(app)
 
     def _text(body: dict[str, Any]) -> str:
         if "messages" in body:
@@ -120,6 +121,36 @@ def build_fake_vllm(served: str = "base") -> FastAPI:
         return await _generate(request, chat=False)
 
     return app
+
+
+def reset_fake_vllm(app: FastAPI) -> None:
+    """Forget everything a previous test did to the fake."""
+    app.state.received = []
+    app.state.healthy = True
+    app.state.adapters = set()
+    app.state.ops = []
+    app.state.fail_next = None
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI) -> Iterator[str]:
+    """Serve `app` on a free loopback port from a background thread; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, name=f"fake-vllm-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the fake vLLM did not start on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 
 from serving.app import build_app
 from tests.adapter_factory import with_pickle
-from tests.fake_vllm import build_fake_vllm
+from tests.conftest import FakeBackends
 from tests.test_gateway_unit import ADMIN_KEY, API_KEY, Gateway, assert_openai_error, make_settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -18,14 +18,15 @@ CHAT = {"model": "support", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> AsyncIterator[Gateway]:
-    fake = build_fake_vllm()
-    app = build_app(make_settings(tmp_path, tiny_model_dir, adapter_root), transport=httpx.ASGITransport(app=fake))
+async def gw(
+    tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, fake_vllm: FakeBackends
+) -> AsyncIterator[Gateway]:
+    app = build_app(make_settings(tmp_path, tiny_model_dir, adapter_root, fake_vllm.urls))
     async with app.router.lifespan_context(app):
         await app.state.pool.check_all()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw", headers=ADMIN) as c:
-            yield Gateway(app, fake, c)
+            yield Gateway(app, fake_vllm.app, c, fake_vllm.urls)
 
 
 async def test_admin_auth(gw: Gateway, tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> None:
@@ -45,7 +46,7 @@ async def test_configured_adapter_loaded_on_join(gw: Gateway) -> None:
     listing = (await gw.client.get("/admin/adapters")).json()
     entry = listing["data"][0]
     assert entry["name"] == "support-v1" and entry["aliases"] == ["support"] and entry["rank"] == 4
-    assert entry["backends"] == {"http://fake-a": True, "http://fake-b": True}
+    assert entry["backends"] == {url: True for url in gw.fake_urls}
 
 
 async def test_register_point_and_drain(gw: Gateway) -> None:
@@ -93,7 +94,7 @@ async def test_conflicts_and_unknowns(gw: Gateway) -> None:
 async def test_state_survives_restart(gw: Gateway, tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> None:
     await gw.client.post("/admin/adapters", json={"name": "support-v2", "path": "support-v2"})
     await gw.client.put("/admin/aliases/support", json={"adapter": "support-v2"})
-    again = build_app(make_settings(tmp_path, tiny_model_dir, adapter_root), transport=httpx.ASGITransport(app=gw.fake))
+    again = build_app(make_settings(tmp_path, tiny_model_dir, adapter_root))
     assert again.state.adapters.routes["support"] == "support-v2"
     await again.state.pool.client.aclose()
 

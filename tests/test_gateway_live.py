@@ -111,6 +111,40 @@ def test_stream_is_not_buffered(live_gateway: LiveGateway) -> None:
     assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
 
 
+def _counter(text: str, name: str, *labels: str) -> float:
+    """The sum of a counter's samples whose labels include all of `labels` (`key="value"`)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(label in line for label in labels)
+    )
+
+
+def test_client_disconnect_aborts_the_vllm_request(live_gateway: LiveGateway) -> None:
+    """A client that leaves mid-stream: the gateway cuts the upstream stream, vLLM aborts the request
+    (it stops generating: far fewer than the 1000 tokens asked for), and the gateway logs a 499."""
+    managed = live_gateway.settings.backends.managed
+    vllm = f"http://{managed.host}:{managed.port}/metrics"
+    gone = ("loraloop_requests_total", 'alias="tiny"', 'endpoint="completions"', 'status="499"')
+    tokens_before = _counter(httpx.get(vllm).text, "vllm:generation_tokens_total")
+    gone_before = _counter(httpx.get(f"{live_gateway.url}/metrics").text, *gone)
+    body = {"model": "tiny", "prompt": "one two", "max_tokens": 1000, "stream": True, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    with live_gateway.client(API_KEY) as c, c.stream("POST", "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        assert sum(1 for _, line in zip(range(6), lines, strict=False) if line.startswith("data: {")) >= 2
+    # the connection is closed here, about 1000 tokens before the end of the stream
+    deadline = time.monotonic() + 30
+    while _counter(httpx.get(f"{live_gateway.url}/metrics").text, *gone) <= gone_before:
+        assert time.monotonic() < deadline, "the gateway did not log the request as 499"
+        time.sleep(0.05)
+    while _counter(httpx.get(vllm).text, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "vLLM kept running the request of a client that left"
+        time.sleep(0.05)
+    generated = _counter(httpx.get(vllm).text, "vllm:generation_tokens_total") - tokens_before
+    assert generated < 500, f"vLLM generated {generated} of 1000 tokens for a client that left after 2"
+
+
 def test_error_mapping(client: openai.OpenAI, live_gateway: LiveGateway) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="tiny", messages=MSG, temperature=5)

@@ -1,4 +1,4 @@
-"""Gateway unit tests in process (ASGI transport) with a fake vLLM back-end."""
+"""Gateway unit tests in process (ASGI transport to the gateway) with a fake vLLM back-end."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from fastapi import FastAPI
 
 from serving.app import build_app
 from serving.settings import Settings
-from tests.fake_vllm import build_fake_vllm
+from tests.conftest import FakeBackends
 
 API_KEY = "sk-unit-test-key-0001"
 ADMIN_KEY = "adm-unit-test-key-0001"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def make_settings(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, **extra: Any) -> Settings:
+def make_settings(
+    tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, backend_urls: list[str] | None = None, **extra: Any
+) -> Settings:
     values: dict[str, Any] = {
         "model": str(tiny_model_dir),
         "api_key": API_KEY,
@@ -29,7 +31,7 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, **ex
         "state_dir": str(tmp_path / "state"),
         "store": {"root": str(tmp_path / "events"), "flush_interval_s": 0.01},
         "replica_id": "unit",
-        "backends": {"mode": "remote", "urls": ["http://fake-a", "http://fake-b"]},
+        "backends": {"mode": "remote", "urls": backend_urls or ["http://127.0.0.1:9"]},
         "adapters": {"support-v1": {"path": "support-v1"}},
         "aliases": {
             "plain": {},
@@ -46,8 +48,8 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, **ex
 
 
 class Gateway:
-    def __init__(self, app: FastAPI, fake: FastAPI, client: httpx.AsyncClient) -> None:
-        self.app, self.fake, self.client = app, fake, client
+    def __init__(self, app: FastAPI, fake: FastAPI, client: httpx.AsyncClient, fake_urls: list[str]) -> None:
+        self.app, self.fake, self.client, self.fake_urls = app, fake, client, fake_urls
 
     @property
     def last(self) -> dict[str, Any]:
@@ -56,15 +58,16 @@ class Gateway:
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, tiny_model_dir: Path, adapter_root: Path) -> AsyncIterator[Gateway]:
-    fake = build_fake_vllm()
-    settings = make_settings(tmp_path, tiny_model_dir, adapter_root)
-    app = build_app(settings, transport=httpx.ASGITransport(app=fake))
+async def gw(
+    tmp_path: Path, tiny_model_dir: Path, adapter_root: Path, fake_vllm: FakeBackends
+) -> AsyncIterator[Gateway]:
+    settings = make_settings(tmp_path, tiny_model_dir, adapter_root, fake_vllm.urls)
+    app = build_app(settings)
     async with app.router.lifespan_context(app):
         await app.state.pool.check_all()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=AUTH) as client:
-            yield Gateway(app, fake, client)
+            yield Gateway(app, fake_vllm.app, client, fake_vllm.urls)
 
 
 def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
@@ -216,6 +219,7 @@ async def test_unreachable_backend_is_503(tmp_path: Path, tiny_model_dir: Path, 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", headers=AUTH) as c:
         assert_openai_error(await c.post("/v1/completions", json={"model": "plain", "prompt": "x"}), 503)
     await app.state.pool.client.aclose()
+    await app.state.serving.upstream.aclose()
 
 
 async def test_upstream_errors_are_mapped(gw: Gateway) -> None:
@@ -252,7 +256,7 @@ async def test_metrics_are_labelled(gw: Gateway) -> None:
     assert 'loraloop_completion_tokens_total{adapter="base",alias="plain"}' in text
     assert "loraloop_time_to_first_token_seconds_bucket" in text
     assert 'loraloop_requests_in_flight{alias="plain"} 0.0' in text
-    assert 'loraloop_backend_up{backend="http://fake-a"} 1.0' in text
+    assert f'loraloop_backend_up{{backend="{gw.fake_urls[0]}"}} 1.0' in text
 
 
 async def test_stream_text_is_recorded_for_observers(gw: Gateway) -> None:

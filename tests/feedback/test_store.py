@@ -273,3 +273,24 @@ def test_a_wal_that_cannot_be_sealed_does_not_prevent_start(config: StoreConfig,
         pass
     assert StoreReader(config.root).counts()["requests"] == 2
     assert not list((config.root / "gw").glob("wal-*"))
+
+
+async def test_wait_durable_wakes_many_waiters_without_threads(config: StoreConfig, registry: CollectorRegistry):
+    """The gateway's commit hook: every waiter returns once its events are on disk and readable, and
+    no thread is parked per waiter (the writer thread wakes the event loop)."""
+    import asyncio
+    import threading
+
+    slow = StoreConfig(root=config.root, flush_interval_s=0.3, batch_size=100, queue_size=10_000)
+    with EventStore(slow, "gw-async", registry) as s:
+        threads = threading.active_count()
+
+        async def request(i: int) -> None:
+            s.submit(make_request(i))
+            await s.wait_durable()
+
+        await asyncio.gather(*(request(i) for i in range(50)))
+        assert threading.active_count() == threads
+        con = StoreReader(config.root).connect()
+        assert con.execute("SELECT count(*) FROM requests").fetchone() == (50,)
+    await s.wait_durable()  # a closed store: nothing to wait for

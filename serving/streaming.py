@@ -1,0 +1,163 @@
+"""Passing vLLM's token streams on: the chunk rewriter (loraloop's id and the alias spliced into vLLM's
+bytes), the schema fix-ups, the streaming response that notices a client leaving, and the decoder
+that recovers the text of a stream for the request log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from fastapi.responses import StreamingResponse
+
+if TYPE_CHECKING:
+    from .openai_serving import RequestRecord
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    index: int = 0
+    text: str | None = None
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """What the request log needs of a stream chunk; msgspec skips the rest without building it."""
+
+    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
+
+
+STREAM_CHUNKS = msgspec.json.Decoder(list[_Chunk])
+
+
+#: Optional fields that vLLM sends as null but OpenAI's schema types as array/object: dropped.
+_NULL_DROPPED = ("annotations", "audio", "function_call", "tool_calls", "prompt_tokens_details",
+                 "completion_tokens_details", "service_tier", "system_fingerprint")  # fmt: skip
+
+
+def drop_spec_nulls(obj: dict[str, Any]) -> dict[str, Any]:
+    """Remove null optional fields from a response or chunk, in place (top level, usage, choices
+    and their message/delta), so responses match the OpenAI schema exactly."""
+    parts: list[dict[str, Any]] = [obj]
+    if isinstance(obj.get("usage"), dict):
+        parts.append(obj["usage"])
+    for choice in obj.get("choices") or []:
+        parts.append(choice)
+        for key in ("message", "delta"):
+            if isinstance(choice.get(key), dict):
+                parts.append(choice[key])
+    for part in parts:
+        for key in _NULL_DROPPED:
+            if key in part and part[key] is None:
+                del part[key]
+    return obj
+
+
+def error_status(payload: bytes) -> int:
+    try:
+        code = json.loads(payload)["error"].get("code")
+    except (ValueError, KeyError, AttributeError):
+        return 502
+    return code if isinstance(code, int) and 400 <= code < 600 else 502
+
+
+def take_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
+    if usage:
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.completion_tokens = usage.get("completion_tokens")
+
+
+class ChunkRewriter:
+    """Puts loraloop's id and the alias into vLLM's stream chunks, as bytes.
+
+    vLLM serialises every chunk of a stream with the same prefix (`{"id":..,"object":..,"created":..,
+    "model":..`), so the common case is a byte splice; a chunk is parsed only when it carries usage or
+    nulls the OpenAI schema does not allow. The text is recovered from the raw chunks after the stream.
+    """
+
+    #: chunks that need parsing: usage, or nulls the OpenAI schema does not allow (one C-level scan)
+    _SLOW = re.compile(rb'"(?:usage":\{|tool_calls":null|function_call":null|annotations":null)')
+
+    def __init__(self, record: RequestRecord, client_wants_usage: bool) -> None:
+        self.record = record
+        self.client_wants_usage = client_wants_usage
+        self.prefix: bytes | None = None
+        self.replacement = b""
+        self.content_marker = b'"text":"' if record.endpoint == "completions" else b'"delta":{"content":"'
+
+    def __call__(self, payload: bytes) -> bytes | None:
+        record = self.record
+        if record.ttft_s is None and self.content_marker in payload:
+            record.ttft_s = time.perf_counter() - record.started
+        prefix = self.prefix
+        if prefix is not None and payload.startswith(prefix) and self._SLOW.search(payload) is None:
+            record.stream_chunks.append(payload)
+            return self.replacement + payload[len(prefix) :]
+        return self._slow(payload)
+
+    def _slow(self, payload: bytes) -> bytes | None:
+        record = self.record
+        chunk = json.loads(payload)
+        if self.prefix is None:
+            head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
+            prefix = json.dumps(head, separators=(",", ":"))[:-1].encode()
+            if payload.startswith(prefix):
+                self.prefix = prefix
+                head["id"], head["model"] = record.request_id, record.route.alias
+                self.replacement = json.dumps(head, separators=(",", ":"))[:-1].encode()
+        chunk["id"], chunk["model"] = record.request_id, record.route.alias
+        choices = chunk.get("choices") or []
+        if record.ttft_s is None and any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
+            record.ttft_s = time.perf_counter() - record.started
+        if chunk.get("usage"):
+            take_usage(record, chunk["usage"])
+            if not choices and not self.client_wants_usage:
+                return None
+        if not self.client_wants_usage:
+            chunk.pop("usage", None)
+        out = json.dumps(drop_spec_nulls(chunk), separators=(",", ":")).encode()
+        if choices:
+            record.stream_chunks.append(out)
+        return out
+
+
+class GuardedStreamingResponse(StreamingResponse):
+    """The streaming response of a forwarded stream.
+
+    It watches for the client's disconnect with one plain task and calls `on_disconnect` (which cuts
+    the upstream stream, so the body generator ends at once and vLLM aborts the request) — lighter
+    than Starlette's task group with cancel scopes per response. `on_close` runs however the response
+    ends, also when the client is gone before the body generator ever started."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        on_disconnect: Callable[[], None],
+        on_close: Callable[[], None],
+        **kw: Any,
+    ) -> None:
+        super().__init__(content, **kw)
+        self._on_disconnect = on_disconnect
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        try:
+            await self.stream_response(send)
+        finally:
+            watcher.cancel()
+            self._on_close()
+
+    async def _watch(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._on_disconnect()
