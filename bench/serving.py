@@ -5,24 +5,33 @@ Prints, per concurrency, the throughput ratio (gateway / direct; target >= 0.97)
 time-to-first-token (target <= 3 ms): medians over paired rounds, with the range of the per-round
 ratios. The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a
 small machine) with one keep-alive session per side, as a real client would hold.
-Run: `python bench/serving.py [--model smollm2|tiny|DIR]`.
+Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin]`.
+
+On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
+CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
+(vLLM's compute is not on the gateway's cores): vLLM with all its processes on CPU 0, the gateway and
+the load generator on CPU 1 — in both arms, so the comparison stays paired.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import KEY, free_port, gateway_process
+from bench.common import KEY, free_port, gateway_process, wait_healthy
 
 
 @dataclass
@@ -88,6 +97,28 @@ async def compare(direct: str, gateway: str, args: argparse.Namespace) -> None:
         print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
 
 
+@contextlib.contextmanager
+def pinned_vllm(model: str, cache: Path, log: Path) -> Iterator[str]:
+    """vLLM started here (not by the gateway) with all its processes on CPU 0; yields its URL."""
+    from serving.managed import vllm_command, vllm_env
+    from serving.model_prep import prepare_model
+    from serving.settings import ManagedBackendConfig
+
+    cfg = ManagedBackendConfig(port=free_port(), max_model_len=1024)
+    env = {**vllm_env(cfg, "cpu"), "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    cmd = vllm_command(prepare_model(model, cache), "base", cfg, "cpu")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # fmt: skip
+    url = f"http://127.0.0.1:{cfg.port}"
+    try:
+        wait_healthy(url, proc, "vLLM", log)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 (default, the embedded model), tiny or a dir")
@@ -97,14 +128,24 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-logging", action="store_true", help="gateway with the event store off")
+    parser.add_argument("--pin", action="store_true", help="vLLM on CPU 0; gateway and load generator on CPU 1")
     args = parser.parse_args()
-    vport = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = {"model": args.model, "model_cache_dir": str(Path("~/.cache/loraloop/models").expanduser()),
-                    "backends": {"managed": {"port": vport, "max_model_len": 1024}}, "aliases": {"bench": {}},
+    cache = Path("~/.cache/loraloop/models").expanduser()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        settings = {"model": args.model, "model_cache_dir": str(cache), "aliases": {"bench": {}},
                     "store": {"enabled": not args.no_logging, "root": str(Path(tmp) / "events")}}  # fmt: skip
-        with gateway_process(settings, Path(tmp)) as gateway:
-            asyncio.run(compare(f"http://127.0.0.1:{vport}", gateway, args))
+        if args.pin:
+            if len(os.sched_getaffinity(0)) < 2:
+                raise SystemExit("--pin needs two CPUs")
+            direct = stack.enter_context(pinned_vllm(args.model, cache, Path(tmp) / "vllm.log"))
+            os.sched_setaffinity(0, {1})  # this process, and the gateway started from it
+            settings["backends"] = {"mode": "remote", "urls": [direct], "health_interval_s": 1}
+        else:
+            vport = free_port()
+            direct = f"http://127.0.0.1:{vport}"
+            settings["backends"] = {"managed": {"port": vport, "max_model_len": 1024}}
+        gateway = stack.enter_context(gateway_process(settings, Path(tmp)))
+        asyncio.run(compare(direct, gateway, args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import AliasConfig, Settings
-from .streaming import STREAM_CHUNKS, ChunkRewriter, GuardedStreamingResponse, drop_spec_nulls, error_status, take_usage
+from .streaming import ChunkRewriter, GuardedStreamingResponse, drop_spec_nulls, error_status, stream_texts, take_usage
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,10 @@ class RequestRecord:
     def _parse_stream_chunks(self) -> None:
         if not self.stream_chunks:
             return
-        chunks, self.stream_chunks = STREAM_CHUNKS.decode(b"[" + b",".join(self.stream_chunks) + b"]"), []
-        for chunk in chunks:
-            for choice in chunk.choices:
-                text = choice.text if self.endpoint == "completions" else choice.delta.content if choice.delta else None
-                self.add_text(choice.index, text)
-                self.finish_reason = choice.finish_reason or self.finish_reason
+        raw, self.stream_chunks = b"[" + b",".join(self.stream_chunks) + b"]", []
+        for index, text, finish_reason in stream_texts(raw, chat=self.endpoint == "chat"):
+            self.add_text(index, text)
+            self.finish_reason = finish_reason or self.finish_reason
 
 
 Observer = Callable[[RequestRecord], None]

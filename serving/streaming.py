@@ -32,10 +32,30 @@ class _ChunkChoice(msgspec.Struct):
 class _Chunk(msgspec.Struct):
     """What the request log needs of a stream chunk; msgspec skips the rest without building it."""
 
-    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
+    choices: list[_ChunkChoice] | None = None
 
 
-STREAM_CHUNKS = msgspec.json.Decoder(list[_Chunk])
+_STREAM_CHUNKS = msgspec.json.Decoder(list[_Chunk])
+
+
+def stream_texts(raw: bytes, *, chat: bool) -> list[tuple[int, str | None, str | None]]:
+    """(choice index, text, finish reason) of every choice in a JSON array of stream chunks. Typed
+    decoding of only those fields is fast; anything of an unexpected shape falls back to plain JSON."""
+    try:
+        return [
+            (c.index, (c.delta.content if c.delta else None) if chat else c.text, c.finish_reason)
+            for chunk in _STREAM_CHUNKS.decode(raw)
+            for c in chunk.choices or ()
+        ]
+    except msgspec.ValidationError:
+        out: list[tuple[int, str | None, str | None]] = []
+        for chunk in json.loads(raw):
+            for c in chunk.get("choices") or []:
+                part = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                index = c.get("index") if isinstance(c.get("index"), int) else 0
+                reason = c.get("finish_reason") if isinstance(c.get("finish_reason"), str) else None
+                out.append((index, part if isinstance(part, str) else None, reason))
+        return out
 
 
 #: Optional fields that vLLM sends as null but OpenAI's schema types as array/object: dropped.

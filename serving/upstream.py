@@ -104,7 +104,7 @@ class UpstreamClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=0,  # the back-ends' own queues bound the work, not the pool
+                limit=2000,  # beyond this many requests in flight, new ones wait for a connection
                 # shorter than uvicorn's 5 s on the vLLM side, so we rarely reuse a closing socket
                 keepalive_timeout=2.0,
                 enable_cleanup_closed=False,
