@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     print(f"loraloop gateway on http://{settings.host}:{settings.port} (aliases: {', '.join(settings.aliases)})")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                timeout_keep_alive=settings.keepalive_s)  # fmt: skip
     return 0
 
 

@@ -37,7 +37,8 @@ def start_local_gateway(settings: Settings, model_path: str | None, *, wait_heal
     from serving.app import build_app
 
     app = build_app(settings, model_path=model_path, log_dir=settings.cache_dir / "logs")
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_keep_alive=settings.keepalive_s)  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
     thread.start()

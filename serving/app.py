@@ -122,7 +122,7 @@ def build_app(
         observers.append(request_event_observer(store, settings))
     key = b.api_key
     upstream = UpstreamClient(
-        UpstreamTimeouts(connect_s=b.connect_timeout_s, read_s=b.request_timeout_s),
+        UpstreamTimeouts(connect_s=b.connect_timeout_s, read_s=b.request_timeout_s, keepalive_s=b.keepalive_s),
         headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else None,
     )
     serving = OpenAIServing(settings, pool, resolver, upstream, observers=observers)
@@ -135,7 +135,7 @@ def build_app(
         if b.mode == "managed" and model_path is not None:
             managed = ManagedVLLM(
                 model_path, b.served_model_name, b.managed, pool, metrics, log_dir or settings.cache_dir / "logs",
-                max_lora_rank=settings.max_lora_rank,
+                max_lora_rank=settings.max_lora_rank, keepalive_s=b.keepalive_s,
             )  # fmt: skip
             managed.start()
         app.state.managed = managed

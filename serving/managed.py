@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -60,9 +61,12 @@ def vllm_command(
     return cmd + list(cfg.extra_args)
 
 
-def vllm_env(cfg: ManagedBackendConfig, device: str) -> dict[str, str]:
+def vllm_env(cfg: ManagedBackendConfig, device: str, keepalive_s: float = 4.0) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    # the server keeps idle connections longer than the gateway does, so the gateway never reuses one
+    # the server is just closing
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(math.ceil(keepalive_s) + 5))
     if device == "cpu":
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
@@ -87,11 +91,12 @@ class ManagedVLLM:
         metrics: GatewayMetrics,
         log_dir: Path,
         max_lora_rank: int = 16,
+        keepalive_s: float = 4.0,
     ) -> None:
         self.cfg = cfg
         self.device = detect_device(cfg.device)
         self.command = vllm_command(model, served_name, cfg, self.device, max_lora_rank)
-        self.env = vllm_env(cfg, self.device)
+        self.env = vllm_env(cfg, self.device, keepalive_s)
         self.pool = pool
         self.metrics = metrics
         self.url = f"http://{cfg.host}:{cfg.port}"

@@ -109,6 +109,13 @@ class BackendsConfig(_Strict):
     health_timeout_s: float = Field(3.0, gt=0, description="Timeout of one health check.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for forwarded requests.")
     request_timeout_s: float = Field(600.0, gt=0, description="Read timeout for forwarded requests.")
+    keepalive_s: float = Field(
+        4.0,
+        gt=0,
+        description="How long an idle connection to vLLM is kept for reuse. Keep it below the vLLM servers' "
+        "own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default); a managed vLLM is started with "
+        "this plus 5 s.",
+    )
     managed: ManagedBackendConfig = Field(
         default_factory=lambda: ManagedBackendConfig(), description="The managed vLLM child process."
     )
@@ -149,6 +156,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Gateway bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Gateway port.")
+    keepalive_s: int = Field(
+        75,
+        gt=0,
+        description="Seconds an idle client connection is kept open (uvicorn's timeout_keep_alive). Longer "
+        "than clients' own pools (httpx, the openai SDK: 5 s), so a client never reuses a connection the "
+        "gateway is just closing.",
+    )
     api_key: SecretStr | None = Field(
         None, description="Bearer key required on /v1/* (env LORALOOP_API_KEY); unset = open."
     )

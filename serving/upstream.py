@@ -28,6 +28,7 @@ class UpstreamError(Exception):
 class UpstreamTimeouts:
     connect_s: float
     read_s: float  # the longest silence between two reads
+    keepalive_s: float = 4.0  # idle connections kept this long (below the server's own keep-alive)
 
 
 class UpstreamResponse:
@@ -105,8 +106,7 @@ class UpstreamClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=2000,  # beyond this many requests in flight, new ones wait for a connection
-                # shorter than uvicorn's 5 s on the vLLM side, so we rarely reuse a closing socket
-                keepalive_timeout=2.0,
+                keepalive_timeout=self.timeouts.keepalive_s,
                 enable_cleanup_closed=False,
             )
             timeout = aiohttp.ClientTimeout(

@@ -548,7 +548,7 @@ def test_vllm_runs_managed_flags(
     for name in list(os.environ):
         if name.startswith("VLLM_"):
             monkeypatch.delenv(name)
-    expected_env = {k: v for k, v in vllm_env(cfg, device).items() if k not in os.environ}
+    expected_env = {k: v for k, v in vllm_env(cfg, device, s.backends.keepalive_s).items() if k not in os.environ}
     assert expected_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert {k: env.get(k) for k in expected_env} == expected_env
     assert "--enable-lora" in args and arg_value(args, "--served-model-name") == s.backends.served_model_name
