@@ -42,7 +42,7 @@ def _unauthorized(token: str | None) -> OpenAIError:
     return OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
 
 
-async def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+def check_api_key(request: Request, settings: Settings) -> None:
     """Checks the Bearer API key on /v1/* when one is configured (the admin key is accepted too)."""
     if settings.api_key is None:
         return
@@ -50,6 +50,10 @@ async def require_api_key(request: Request, settings: Annotated[Settings, Depend
     if _matches(token, settings.api_key) or (settings.admin_key and _matches(token, settings.admin_key)):
         return
     raise _unauthorized(token)
+
+
+async def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    check_api_key(request, settings)
 
 
 async def require_admin_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
@@ -67,12 +71,12 @@ async def require_admin_key(request: Request, settings: Annotated[Settings, Depe
 
 async def metrics_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     if settings.metrics_require_key:
-        await require_api_key(request, settings)
+        check_api_key(request, settings)
 
 
 async def health_guard(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     if settings.health_require_key:
-        await require_api_key(request, settings)
+        check_api_key(request, settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -307,8 +307,12 @@ class OpenAIServing:
             raise OpenAIError(502, f"the vLLM back-end failed mid-response: {exc}", code="backend_error") from exc
         finally:
             backend.in_flight -= 1
-        data = json.loads(payload)
-        data["id"], data["model"] = record.request_id, record.route.alias
+        try:
+            data = json.loads(payload)
+            data["id"], data["model"] = record.request_id, record.route.alias
+        except (ValueError, TypeError) as exc:  # not a JSON object: a broken or wrong back-end
+            self._finish(record, 502, f"invalid JSON from the back-end: {exc}")
+            raise OpenAIError(502, "the vLLM back-end answered with invalid JSON", code="backend_error") from exc
         drop_spec_nulls(data)
         self._take_usage(record, data.get("usage"))
         for choice in data.get("choices") or []:

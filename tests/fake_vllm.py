@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 
 def build_fake_vllm(served: str = "base") -> FastAPI:
@@ -72,6 +72,9 @@ def build_fake_vllm(served: str = "base") -> FastAPI:
                 {"error": {"message": "boom", "type": "BadRequestError", "param": None, "code": status}},
                 status_code=status,
             )
+        if app.state.garbage_next:  # a 200 that is not JSON: a proxy's error page, a wrong server
+            app.state.garbage_next = False
+            return Response(b"<html>bad gateway</html>", media_type="text/html")
         if not _known(body["model"]):
             return JSONResponse(
                 {"error": {"message": f"The model `{body['model']}` does not exist.", "type": "NotFoundError",
@@ -130,6 +133,7 @@ def reset_fake_vllm(app: FastAPI) -> None:
     app.state.adapters = set()
     app.state.ops = []
     app.state.fail_next = None
+    app.state.garbage_next = False
 
 
 @contextmanager

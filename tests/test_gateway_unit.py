@@ -134,6 +134,23 @@ async def test_invalid_json_and_missing_model(gw: Gateway) -> None:
     assert_openai_error(await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "ghost"}), 404)
 
 
+async def test_oversized_and_non_object_bodies(gw: Gateway) -> None:
+    limit = gw.app.state.settings.max_request_bytes
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * limit}]}
+    assert (
+        assert_openai_error(await gw.client.post("/v1/chat/completions", json=big), 413)["code"] == "request_too_large"
+    )
+
+    async def chunked() -> AsyncIterator[bytes]:  # no content-length: the size is counted while reading
+        yield b'{"model": "plain", "prompt": "'
+        yield b"x" * limit
+        yield b'"}'
+
+    assert_openai_error(await gw.client.post("/v1/completions", content=chunked()), 413)
+    assert_openai_error(await gw.client.post("/v1/completions", json=["not", "an", "object"]), 400)
+    assert gw.fake.state.received == []
+
+
 async def test_alias_template_and_ids(gw: Gateway) -> None:
     body = {"model": "support", "messages": [{"role": "user", "content": "my order?"}], "temperature": 0.7}
     resp = await gw.client.post("/v1/chat/completions", json=body)
@@ -228,6 +245,9 @@ async def test_upstream_errors_are_mapped(gw: Gateway) -> None:
     assert err["message"] == "boom" and err["code"] is None
     gw.fake.state.fail_next = 500
     assert_openai_error(await gw.client.post("/v1/chat/completions", json=CHAT), 502)
+    gw.fake.state.garbage_next = True
+    err = assert_openai_error(await gw.client.post("/v1/chat/completions", json=CHAT), 502)
+    assert err["code"] == "backend_error"
 
 
 async def test_passthrough_of_sampling_parameters(gw: Gateway) -> None:
@@ -270,3 +290,11 @@ async def test_stream_text_is_recorded_for_observers(gw: Gateway) -> None:
     assert record.finish_reason == "stop" and record.completion_tokens == 4 and record.ttft_s is not None
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in _events(resp.text)[:-1] if c["choices"])
     assert streamed == record.completion_text
+
+
+async def test_openapi_documents_the_generation_bodies(gw: Gateway) -> None:
+    doc = (await gw.client.get("/openapi.json")).json()
+    for path, field in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in schema["properties"] and "model" in schema["required"]
+    assert "#/$defs/" not in json.dumps(doc)  # nested models are inlined, no dangling references

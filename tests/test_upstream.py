@@ -5,8 +5,12 @@ drops a kept-alive connection, one that never answers, one that is not there."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +173,164 @@ async def test_silence_is_a_timeout_and_a_cut_stream_is_a_failure(client: Upstre
             await anext(batches)
         assert exc.value.kind == "failed"
         resp.close()
+
+
+async def test_connections_are_kept_alive_reused_and_expired() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1, keepalive_s=0.3))
+    server, url = await serve(handler)
+    async with server:
+        for _ in range(3):
+            assert await (await client.post(url, b"{}")).read() == b"ok"
+        assert connections == 1  # one kept-alive connection for requests one after another
+        await asyncio.sleep(0.5)  # idle longer than keepalive_s: not reused
+        assert await (await client.post(url, b"{}")).read() == b"ok"
+        assert connections == 2
+    await client.aclose()
+
+
+async def test_connection_close_and_eof_delimited_bodies() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbody until EOF")  # no length, not chunked
+        await writer.drain()
+        writer.close()
+
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1))
+    server, url = await serve(handler)
+    async with server:
+        assert await (await client.post(url, b"{}")).read() == b"body until EOF"
+        assert await (await client.post(url, b"{}")).read() == b"body until EOF"
+        assert connections == 2  # `connection: close` is honoured
+    await client.aclose()
+
+
+async def test_large_bodies_and_a_slow_reader_lose_nothing(client: UpstreamClient) -> None:
+    body = bytes(range(256)) * (5 * 4096)  # 5 MiB: more than the client buffers before it stops reading
+    events = [b"data: %d %s\n\n" % (i, b"x" * 1000) for i in range(4000)]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await read_request(reader)
+        writer.write(HEAD + chunk(b"".join(events)) + b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server, url = await serve(handler)
+    async with server:
+        assert await (await client.post(url, b"{}")).read() == body
+        resp = await client.post(url, b"{}")
+        got = []
+        async for batch in resp.events():
+            got += batch
+            await asyncio.sleep(0.001)  # slower than the server: the client pauses its reading
+        resp.release()
+    assert got == [e[6:-2] for e in events]
+
+
+async def test_requests_beyond_max_connections_wait_for_one() -> None:
+    release = asyncio.Event()
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=2, max_connections=1))
+    server, url = await serve(handler)
+    async with server:
+        first = asyncio.create_task(client.post(url, b"{}"))
+        second = asyncio.create_task(client.post(url, b"{}"))
+        await asyncio.sleep(0.2)
+        assert not second.done() and connections == 1
+        release.set()
+        assert await (await first).read() == b"ok"
+        assert await (await second).read() == b"ok"  # on the connection the first gave back
+        assert connections == 1
+    await client.aclose()
+
+
+async def test_silence_mid_stream_and_a_cancelled_caller() -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=0.5))
+    server, url = await serve(stalls)
+    async with server:
+        resp = await client.post(url, b"{}")
+        batches = resp.events()
+        assert await anext(batches) == [b"1"]
+        with pytest.raises(UpstreamError) as exc:
+            await anext(batches)
+        assert exc.value.kind == "timeout"
+        resp.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    server, url = await serve(silent)
+    async with server:
+        pending = asyncio.create_task(client.post(url, b"{}"))  # headers never come: the caller gives up
+        await asyncio.sleep(0.1)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert all(not pool.idle for pool in client._pools.values())  # the connection is not reused
+    await client.aclose()
+
+
+async def test_https_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=vllm", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the back-end's CA, as an operator would set it
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=2))
+    async with server:
+        assert await (await client.post(f"https://127.0.0.1:{port}/v1/completions", b"{}")).read() == b"ok"
+    await client.aclose()
