@@ -21,7 +21,15 @@ from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import AliasConfig, Settings
-from .streaming import ChunkRewriter, GuardedStreamingResponse, drop_spec_nulls, error_status, stream_texts, take_usage
+from .streaming import (
+    ChunkRewriter,
+    GuardedStreamingResponse,
+    LastChunk,
+    drop_spec_nulls,
+    error_status,
+    stream_texts,
+    take_usage,
+)
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -353,6 +361,10 @@ class OpenAIServing:
                             await self._commit()  # the event is durable before the client sees the end
                         complete = True
                         out.append(b"data: [DONE]\n\n")
+                        # the end of the stream and of the response in one write; vLLM's own end of
+                        # message is not waited for (the connection goes back to the pool when it comes)
+                        yield LastChunk(b"".join(out))
+                        return
                     elif payload.startswith(b'{"error"'):
                         status, error = error_status(payload), payload.decode(errors="replace")
                         out += (b"data: ", payload, b"\n\n")
@@ -378,7 +390,7 @@ class OpenAIServing:
                 backend.in_flight -= 1
             self._finish(record, status, error)
             if complete:
-                resp.release()  # the connection goes back to the pool
+                resp.release_at_end()  # the connection goes back to the pool
             else:
                 resp.close()  # vLLM aborts a request whose connection drops
 

@@ -149,6 +149,11 @@ class ChunkRewriter:
         return out
 
 
+class LastChunk(bytes):
+    """The last bytes of a stream: GuardedStreamingResponse sends them with the end of the response
+    (one write, the client sees the end at once) and closes the body generator."""
+
+
 class GuardedStreamingResponse(StreamingResponse):
     """The streaming response of a forwarded stream.
 
@@ -176,6 +181,26 @@ class GuardedStreamingResponse(StreamingResponse):
         finally:
             watcher.cancel()
             self._on_close()
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body, ended = self.body_iterator, False
+        try:
+            async for chunk in body:  # the generator is run to its end after a LastChunk (it returns then)
+                if ended:
+                    continue
+                if isinstance(chunk, str):
+                    chunk = chunk.encode(self.charset)
+                ended = type(chunk) is LastChunk
+                await send(
+                    {"type": "http.response.body", "body": bytes(chunk) if ended else chunk, "more_body": not ended}
+                )
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _watch(self, receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":

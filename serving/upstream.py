@@ -80,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
+        self.release_on_end = False  # the reader is done: back to the pool when the message ends
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,7 +138,10 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
-        self._wake()
+        if self.release_on_end:
+            self.pool.give_back(self)
+        else:
+            self._wake()
 
     # --- helpers ---------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -328,6 +332,15 @@ class UpstreamResponse:
             conn.pool.give_back(conn)
         else:
             conn.abort()
+
+    def release_at_end(self) -> None:
+        """Done with a stream whose last event has been read: the connection goes back to the pool
+        once the HTTP message has ended too (at once if it has; vLLM ends it right after `[DONE]`)."""
+        conn = self._conn
+        if conn.complete or conn.closed or conn.error is not None:
+            self.release()
+        else:
+            conn.release_on_end = True
 
     def close(self) -> None:
         """Drop the connection (a stream cut short: vLLM aborts the request when it notices)."""

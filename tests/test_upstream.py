@@ -334,3 +334,31 @@ async def test_https_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     async with server:
         assert await (await client.post(f"https://127.0.0.1:{port}/v1/completions", b"{}")).read() == b"ok"
     await client.aclose()
+
+
+async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(client: UpstreamClient) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(HEAD + chunk(b"data: 1\n\ndata: [DONE]\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the end of the HTTP message comes later than the last event
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    server, url = await serve(handler)
+    async with server:
+        for _ in range(2):
+            resp = await client.post(url, b"{}")
+            batches = resp.events()
+            assert await anext(batches) == [b"1", b"[DONE]"]
+            resp.release_at_end()  # not waiting for the message's end
+            await asyncio.sleep(0.2)
+        assert connections == 1  # the connection was reused once its message had ended
