@@ -41,16 +41,16 @@ def backend_urls(settings: Settings) -> list[str]:
 
 def metrics_observer(metrics: GatewayMetrics) -> Callable[[RequestRecord], None]:
     def observe(record: RequestRecord) -> None:
-        alias, adapter = record.route.alias, record.route.adapter or "base"
-        metrics.requests.labels(alias, adapter, record.endpoint, str(record.status)).inc()
+        alias, adapter, child = record.route.alias, record.route.adapter or "base", metrics.child
+        child(metrics.requests, alias, adapter, record.endpoint, str(record.status)).inc()
         if record.latency_s is not None:
-            metrics.request_duration.labels(alias, adapter, record.endpoint).observe(record.latency_s)
+            child(metrics.request_duration, alias, adapter, record.endpoint).observe(record.latency_s)
         if record.ttft_s is not None:
-            metrics.time_to_first_token.labels(alias, adapter, record.endpoint).observe(record.ttft_s)
+            child(metrics.time_to_first_token, alias, adapter, record.endpoint).observe(record.ttft_s)
         if record.prompt_tokens:
-            metrics.prompt_tokens.labels(alias, adapter).inc(record.prompt_tokens)
+            child(metrics.prompt_tokens, alias, adapter).inc(record.prompt_tokens)
         if record.completion_tokens:
-            metrics.completion_tokens.labels(alias, adapter).inc(record.completion_tokens)
+            child(metrics.completion_tokens, alias, adapter).inc(record.completion_tokens)
 
     return observe
 

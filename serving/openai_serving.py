@@ -216,7 +216,8 @@ class OpenAIServing:
         body = request.model_dump(exclude_unset=True, mode="json")
         user = request.user or user_header
         route = self.resolver.resolve(request.model, user)
-        self.pool.metrics.in_flight.labels(route.alias).inc()
+        metrics = self.pool.metrics
+        metrics.child(metrics.in_flight, route.alias).inc()
         apply_alias_template(endpoint, body, route.config)
         body["model"] = route.target_model
         stream = bool(request.stream)
@@ -412,7 +413,8 @@ class OpenAIServing:
             return
         record.finished = True
         self.resolver.release(record.route)
-        self.pool.metrics.in_flight.labels(record.route.alias).dec()
+        metrics = self.pool.metrics
+        metrics.child(metrics.in_flight, record.route.alias).dec()
         record.status, record.error = status, error
         record.latency_s = time.perf_counter() - record.started
         for observe in self.observers:

@@ -113,15 +113,36 @@ class ChunkRewriter:
         self.replacement = b""
         self.content_marker = b'"text":"' if record.endpoint == "completions" else b'"delta":{"content":"'
 
+    #: vLLM's constant chunk head, as it serialises it (compact JSON, these keys in this order)
+    _HEAD = re.compile(
+        rb'\{"id":("(?:[^"\\]|\\.)*"),"object":("(?:[^"\\]|\\.)*"),"created":(\d+),"model":("(?:[^"\\]|\\.)*")'
+    )
+
     def __call__(self, payload: bytes) -> bytes | None:
         record = self.record
         if record.ttft_s is None and self.content_marker in payload:
             record.ttft_s = time.perf_counter() - record.started
+        if self.prefix is None:
+            self._learn_prefix(payload)
         prefix = self.prefix
         if prefix is not None and payload.startswith(prefix) and self._SLOW.search(payload) is None:
             record.stream_chunks.append(payload)
             return self.replacement + payload[len(prefix) :]
         return self._slow(payload)
+
+    def _learn_prefix(self, payload: bytes) -> None:
+        """Take the splice point from the first chunk's bytes (no JSON round trip on the hot path)."""
+        head = self._HEAD.match(payload)
+        if head is None:
+            return  # another shape: the chunks are parsed (and the prefix learnt there, if it exists)
+        record = self.record
+        self.prefix = head.group(0)
+        self.replacement = b'{"id":%s,"object":%s,"created":%s,"model":%s' % (
+            json.dumps(record.request_id).encode(),
+            head.group(2),
+            head.group(3),
+            json.dumps(record.route.alias).encode(),
+        )
 
     def _slow(self, payload: bytes) -> bytes | None:
         record = self.record

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from serving.streaming import stream_texts
+import json
+
+from serving.openai_serving import RequestRecord, Route
+from serving.settings import AliasConfig
+from serving.streaming import ChunkRewriter, stream_texts
 
 
 def test_stream_texts_of_chat_and_completion_chunks() -> None:
@@ -21,3 +25,26 @@ def test_stream_texts_of_unexpected_shapes_falls_back_to_plain_json() -> None:
     odd = b'[{"choices":[{"index":"0","delta":{"content":[{"type":"text"}]},"finish_reason":7}]},' \
         b'{"choices":[{"delta":{"content":"ok"}}]}]'  # fmt: skip
     assert stream_texts(odd, chat=True) == [(0, None, None), (0, "ok", None)]
+
+
+def _record(alias: str) -> RequestRecord:
+    route = Route(alias, AliasConfig(), None, "base")
+    return RequestRecord(request_id="cmpl-ours", endpoint="completions", route=route, body={}, user=None, stream=True)
+
+
+def test_chunk_rewriter_splices_the_ids_from_the_first_chunk_on() -> None:
+    record = _record('odd "alias"')
+    rewrite = ChunkRewriter(record, client_wants_usage=False)
+    head = b'{"id":"cmpl-vllm","object":"text_completion","created":17,"model":"base"'
+    first = head + b',"choices":[{"index":0,"text":" a","logprobs":null,"finish_reason":null}]}'
+    out = rewrite(first)
+    assert out is not None and rewrite.prefix == head  # learnt from the bytes, no JSON round trip
+    assert json.loads(out) == {**json.loads(first), "id": "cmpl-ours", "model": 'odd "alias"'}
+    assert record.ttft_s is not None and record.stream_chunks == [first]
+    usage = head + b',"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+    assert rewrite(usage) is None and record.completion_tokens == 1  # taken, not passed on unasked
+    other = b'{"object":"x","id":"y","choices":[]}'  # another key order: parsed, not spliced
+    assert (
+        ChunkRewriter(_record("a"), client_wants_usage=True)(other)
+        == b'{"object":"x","id":"cmpl-ours","choices":[],"model":"a"}'
+    )
