@@ -105,6 +105,10 @@ class ChunkRewriter:
 
     #: chunks that need parsing: usage, or nulls the OpenAI schema does not allow (one C-level scan)
     _SLOW = re.compile(rb'"(?:usage":\{|tool_calls":null|function_call":null|annotations":null)')
+    #: vLLM's constant chunk head, as it serialises it (compact JSON, these keys in this order)
+    _HEAD = re.compile(
+        rb'\{"id":("(?:[^"\\]|\\.)*"),"object":("(?:[^"\\]|\\.)*"),"created":(\d+),"model":("(?:[^"\\]|\\.)*")'
+    )
 
     def __init__(self, record: RequestRecord, client_wants_usage: bool) -> None:
         self.record = record
@@ -112,11 +116,6 @@ class ChunkRewriter:
         self.prefix: bytes | None = None
         self.replacement = b""
         self.content_marker = b'"text":"' if record.endpoint == "completions" else b'"delta":{"content":"'
-
-    #: vLLM's constant chunk head, as it serialises it (compact JSON, these keys in this order)
-    _HEAD = re.compile(
-        rb'\{"id":("(?:[^"\\]|\\.)*"),"object":("(?:[^"\\]|\\.)*"),"created":(\d+),"model":("(?:[^"\\]|\\.)*")'
-    )
 
     def __call__(self, payload: bytes) -> bytes | None:
         record = self.record

@@ -36,6 +36,27 @@ async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
+def kept_alive(respond: Callable[[asyncio.StreamWriter], Awaitable[None]], connections: list[int]) -> Handler:
+    """A handler that answers every request of a kept-alive connection with `respond`, and notes
+    each connection it is given in `connections`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            await respond(writer)
+
+    return handler
+
+
+async def ok(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    await writer.drain()
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[UpstreamClient]:
     c = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1), headers={"Authorization": "Bearer k"})
@@ -176,28 +197,18 @@ async def test_silence_is_a_timeout_and_a_cut_stream_is_a_failure(client: Upstre
 
 
 async def test_connections_are_kept_alive_reused_and_expired() -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            await writer.drain()
+    connections: list[int] = []
+    handler = kept_alive(ok, connections)
 
     client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1, keepalive_s=0.3))
     server, url = await serve(handler)
     async with server:
         for _ in range(3):
             assert await (await client.post(url, b"{}")).read() == b"ok"
-        assert connections == 1  # one kept-alive connection for requests one after another
+        assert len(connections) == 1  # one kept-alive connection for requests one after another
         await asyncio.sleep(0.5)  # idle longer than keepalive_s: not reused
         assert await (await client.post(url, b"{}")).read() == b"ok"
-        assert connections == 2
+        assert len(connections) == 2
     await client.aclose()
 
 
@@ -248,19 +259,13 @@ async def test_large_bodies_and_a_slow_reader_lose_nothing(client: UpstreamClien
 
 async def test_requests_beyond_max_connections_wait_for_one() -> None:
     release = asyncio.Event()
-    connections = 0
+    connections: list[int] = []
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            await release.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            await writer.drain()
+    async def when_released(writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await ok(writer)
+
+    handler = kept_alive(when_released, connections)
 
     client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=2, max_connections=1))
     server, url = await serve(handler)
@@ -268,11 +273,11 @@ async def test_requests_beyond_max_connections_wait_for_one() -> None:
         first = asyncio.create_task(client.post(url, b"{}"))
         second = asyncio.create_task(client.post(url, b"{}"))
         await asyncio.sleep(0.2)
-        assert not second.done() and connections == 1
+        assert not second.done() and len(connections) == 1
         release.set()
         assert await (await first).read() == b"ok"
         assert await (await second).read() == b"ok"  # on the connection the first gave back
-        assert connections == 1
+        assert len(connections) == 1
     await client.aclose()
 
 
@@ -337,21 +342,15 @@ async def test_https_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(client: UpstreamClient) -> None:
-    connections = 0
+    async def events_then_end(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + chunk(b"data: 1\n\ndata: [DONE]\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the end of the HTTP message comes later than the last event
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            writer.write(HEAD + chunk(b"data: 1\n\ndata: [DONE]\n\n"))
-            await writer.drain()
-            await asyncio.sleep(0.1)  # the end of the HTTP message comes later than the last event
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+    connections: list[int] = []
+    handler = kept_alive(events_then_end, connections)
 
     server, url = await serve(handler)
     async with server:
@@ -361,4 +360,4 @@ async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(client:
             assert await anext(batches) == [b"1", b"[DONE]"]
             resp.release_at_end()  # not waiting for the message's end
             await asyncio.sleep(0.2)
-        assert connections == 1  # the connection was reused once its message had ended
+        assert len(connections) == 1  # the connection was reused once its message had ended
