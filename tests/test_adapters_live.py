@@ -80,6 +80,12 @@ class Load:
     def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
+        # serving is under way before the caller's section starts: a short section (the hostile
+        # adapter checks take about a second) must not end before the workers sent anything
+        deadline = time.monotonic() + 120
+        while not (self.outcomes or self.errors):
+            assert time.monotonic() < deadline, "no request of the load finished within 120 s"
+            time.sleep(0.02)
         return self
 
     def __exit__(self, *exc: object) -> None:
