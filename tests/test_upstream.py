@@ -72,6 +72,17 @@ async def collect(client: UpstreamClient, url: str) -> list[bytes]:
     return out
 
 
+async def first_event_then_error(client: UpstreamClient, url: str, kind: str) -> None:
+    """The stream gives its first event (`1`), then the next read fails with an error of `kind`."""
+    resp = await client.post(url, b"{}")
+    batches = resp.events()
+    assert await anext(batches) == [b"1"]
+    with pytest.raises(UpstreamError) as exc:
+        await anext(batches)
+    assert exc.value.kind == kind
+    resp.close()
+
+
 async def test_events_split_anywhere_across_reads(client: UpstreamClient) -> None:
     stream = (
         b'data: {"a":1}\n\n'
@@ -187,13 +198,7 @@ async def test_silence_is_a_timeout_and_a_cut_stream_is_a_failure(client: Upstre
 
     server, url = await serve(cut)
     async with server:
-        resp = await client.post(url, b"{}")
-        batches = resp.events()
-        assert await anext(batches) == [b"1"]
-        with pytest.raises(UpstreamError) as exc:
-            await anext(batches)
-        assert exc.value.kind == "failed"
-        resp.close()
+        await first_event_then_error(client, url, "failed")
 
 
 async def test_connections_are_kept_alive_reused_and_expired() -> None:
@@ -291,13 +296,7 @@ async def test_silence_mid_stream_and_a_cancelled_caller() -> None:
     client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=0.5))
     server, url = await serve(stalls)
     async with server:
-        resp = await client.post(url, b"{}")
-        batches = resp.events()
-        assert await anext(batches) == [b"1"]
-        with pytest.raises(UpstreamError) as exc:
-            await anext(batches)
-        assert exc.value.kind == "timeout"
-        resp.close()
+        await first_event_then_error(client, url, "timeout")
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
