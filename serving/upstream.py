@@ -111,12 +111,6 @@ class _Connection(asyncio.Protocol):
         else:
             self._fail(UpstreamError("failed", f"the back-end closed the connection mid-response: {exc or 'EOF'}"))
 
-    def pause_writing(self) -> None:  # request bodies are small; the transport buffers the rest
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # --- llhttp callbacks ------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
