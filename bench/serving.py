@@ -1,16 +1,27 @@
 """Gateway overhead: the gateway against the same vLLM server called directly, same prompts, same
-concurrency (1, 8, 32), rounds interleaved so both sides see the same machine noise.
+concurrency (1, 8, 32). Prints, per concurrency, the throughput ratio (gateway / direct; target
+>= 0.97) and the added p50 time-to-first-token (target <= 3 ms).
 
-Prints, per concurrency, the throughput ratio (gateway / direct; target >= 0.97) and the added p50
-time-to-first-token (target <= 3 ms): medians over paired rounds, with the range of the per-round
-ratios. The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a
-small machine) with one keep-alive session per side, as a real client would hold.
-Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin]`.
+Design — every figure comes with the noise of its own run:
+- Arms: `direct` (vLLM), `direct again` (a second client session to the same vLLM: an A/A control,
+  whose "overhead" is the estimator's noise and bias in this run), `gateway`, and with `--hop` a
+  bare proxy (bench/hop_proxy.py: uvicorn + the gateway's upstream client, no validation, routing,
+  logging or metrics), the floor of one Python hop on this machine.
+- A block runs each arm once, one round each; blocks cycle through orders in which every arm takes
+  every position equally often (the round that follows another is measurably slower here).
+- Per block: throughput ratio and p50-TTFT difference of each arm against `direct`. Printed: the
+  median over blocks (with the range of the ratios) and, for TTFT, the mean with its standard error.
+- A round is `concurrency x --requests-per-slot` streamed completions of `--max-tokens` tokens
+  (ignore_eos) from `concurrency` slots, each slot sending its next request when its last one ends.
+
+The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a small
+machine) with one keep-alive session per arm, as a real client would hold.
+Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop]`.
 
 On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
 CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
 (vLLM's compute is not on the gateway's cores): vLLM with all its processes on CPU 0, the gateway and
-the load generator on CPU 1 — in both arms, so the comparison stays paired.
+the load generator on CPU 1 — in every arm, so the comparison stays paired.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,29 +84,60 @@ async def round_(side: Side, concurrency: int, requests: int, max_tokens: int) -
     return sum(r[1] for r in results) / wall, statistics.median(r[0] for r in results)
 
 
-async def compare(direct: str, gateway: str, args: argparse.Namespace) -> None:
+def block_orders(names: list[str]) -> list[list[str]]:
+    """Orders in which every arm takes every position equally often: the rotations and their reverses."""
+    rotations = [names[i:] + names[:i] for i in range(len(names))]
+    return rotations + [r[::-1] for r in rotations]
+
+
+@dataclass
+class Versus:
+    """One arm against `direct` over the blocks of one concurrency."""
+
+    ratios: list[float]
+    added_ms: list[float]
+
+    def line(self, conc: int, name: str) -> str:
+        added = self.added_ms
+        se = statistics.stdev(added) / len(added) ** 0.5 if len(added) > 1 else float("nan")
+        ratio = f"{statistics.median(self.ratios):.3f} ({min(self.ratios):.3f}-{max(self.ratios):.3f})"
+        ttft = f"{statistics.median(added):>+8.1f} {statistics.mean(added):>+9.1f} ± {se:.1f}"
+        return f"{conc:>4} {name:<13} {ratio:>20} {ttft}"
+
+
+async def compare(urls: dict[str, tuple[str, str]], args: argparse.Namespace) -> None:
+    """`urls`: arm name -> (base URL, model name); "direct" is the baseline."""
     headers = {"Authorization": f"Bearer {KEY}"}
     timeout = aiohttp.ClientTimeout(total=1800)
-    async with (
-        aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as d,
-        aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as g,
-    ):
-        sides = [Side("direct", direct, "base", d), Side("gateway", gateway, "bench", g)]
-        print(f"{'conc':>4} {'ratio':>6} {'range':>13} {'added p50 TTFT':>14}  (medians over paired rounds)")
+    async with contextlib.AsyncExitStack() as stack:
+        sides = {}
+        for name, (url, model) in urls.items():
+            # idle connections are dropped by the client (30 s) before any server drops them (vLLM and
+            # the hop proxy: 120 s here, the gateway: 75 s), so no request races a closing connection
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                                                            connector=connector))  # fmt: skip
+            sides[name] = Side(name, url, model, session)
+        orders = block_orders(list(sides))
+        blocks = args.blocks or 2 * len(orders)
+        print(f"{blocks} blocks per concurrency; each arm against `direct`, the same load in the same block")
+        print(f"{'conc':>4} {'arm':<13} {'throughput ratio':>20} {'added p50 TTFT, ms':>27}")
+        print(f"{'':>4} {'':<13} {'median (range)':>20} {'median':>8} {'mean ± s.e.':>18}")
         for conc in (int(c) for c in args.concurrency.split(",")):
             requests = max(args.min_requests, conc * args.requests_per_slot)
-            for side in sides:  # warm-up: connections, prefix cache, first-call paths
+            for side in sides.values():  # warm-up: connections, prefix cache, first-call paths
                 await round_(side, conc, conc, 4)
-            ratios, added = [], []
-            for r in range(args.rounds):
+            versus = {name: Versus([], []) for name in sides if name != "direct"}
+            for b in range(blocks):
                 got = {}
-                for side in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first
-                    got[side.name] = await round_(side, conc, requests, args.max_tokens)
-                ratios.append(got["gateway"][0] / got["direct"][0])
-                added.append((got["gateway"][1] - got["direct"][1]) * 1000)
-            ratio, added_ms = statistics.median(ratios), statistics.median(added)
-            print(f"{conc:>4} {ratio:>6.3f} {min(ratios):>6.3f}-{max(ratios):<6.3f} {added_ms:>11.2f} ms", flush=True)
-        print("targets: ratio >= 0.97, added p50 TTFT <= 3 ms")
+                for name in orders[b % len(orders)]:
+                    got[name] = await round_(sides[name], conc, requests, args.max_tokens)
+                for name, v in versus.items():
+                    v.ratios.append(got[name][0] / got["direct"][0])
+                    v.added_ms.append((got[name][1] - got["direct"][1]) * 1000)
+            for name, v in versus.items():
+                print(v.line(conc, name), flush=True)
+        print("targets (gateway): ratio >= 0.97, added p50 TTFT <= 3 ms; `direct again` shows this run's noise")
 
 
 @contextlib.contextmanager
@@ -123,14 +166,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 (default, the embedded model), tiny or a dir")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=8, help="paired rounds (direct, gateway) per concurrency")
+    parser.add_argument("--blocks", type=int, default=0, help="per concurrency (default: every order twice)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per round = concurrency x this")
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-logging", action="store_true", help="gateway with the event store off")
     parser.add_argument("--pin", action="store_true", help="vLLM on CPU 0; gateway and load generator on CPU 1")
+    parser.add_argument("--hop", action="store_true", help="add the bare-proxy arm (bench/hop_proxy.py)")
     args = parser.parse_args()
     cache = Path("~/.cache/loraloop/models").expanduser()
+    os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "120")  # see compare(): longer than the client's
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         settings = {"model": args.model, "model_cache_dir": str(cache), "aliases": {"bench": {}},
                     "store": {"enabled": not args.no_logging, "root": str(Path(tmp) / "events")}}  # fmt: skip
@@ -145,7 +190,30 @@ def main() -> None:
             direct = f"http://127.0.0.1:{vport}"
             settings["backends"] = {"managed": {"port": vport, "max_model_len": 1024}}
         gateway = stack.enter_context(gateway_process(settings, Path(tmp)))
-        asyncio.run(compare(direct, gateway, args))
+        urls = {"direct": (direct, "base"), "direct again": (direct, "base"), "gateway": (gateway, "bench")}
+        if args.hop:
+            urls["hop"] = (stack.enter_context(hop_process(direct, "base")), "bench")
+        asyncio.run(compare(urls, args))
+
+
+@contextlib.contextmanager
+def hop_process(upstream: str, model: str) -> Iterator[str]:
+    """bench/hop_proxy.py in a child process (on the CPUs of this one); yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hop_proxy.py")), str(port), upstream, model])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench/hop_proxy.py did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 if __name__ == "__main__":
