@@ -84,3 +84,14 @@ def test_a_five_point_lift_is_found_with_the_documented_sample_size():
         rng=np.random.default_rng(7),
     )
     assert found.mean() >= 0.8
+
+
+def test_a_unanimous_arm_at_a_tiny_first_look_is_not_evidence():
+    """7 of 8 up against 0 of 6 on a canary's first (partial) day, then 10 of 12 against 1 of 12: far too
+    little to call a winner, however the ratings fall on days. (With each arm's own p(1-p)/n, the arm
+    without a single thumbs-up had no variance and the first look alone gave p = 0.014.)"""
+    two_looks = stats.sequential_binary([7, 10], [8, 12], [0, 1], [6, 12])
+    one_look = stats.sequential_binary([10], [12], [1], [12])
+    assert two_looks[-1] > 0.05 and one_look[-1] > 0.05, (two_looks, one_look)
+    # and a real difference with enough ratings still wins at once
+    assert stats.sequential_binary([300], [400], [200], [400])[-1] < 0.001
