@@ -124,17 +124,15 @@ def sequential_binary(
     control_trials: ArrayLike,
     tau_sd: float = DEFAULT_TAU_SD,
 ) -> NDArray[np.float64]:
-    """Always-valid p-values at each look for cumulative counts (arrays, last axis = looks).
-
-    The variance of the difference is the pooled one, as under H0 (p1 = p0): the arms' own
-    p(1-p)/n is 0 for an arm whose few ratings so far all agree, and such a look (say 7 of 8 up
-    against 0 of 6 on the first day of a canary) would otherwise count as overwhelming evidence."""
+    """Always-valid p-values at each look for cumulative counts (arrays, last axis = looks)."""
     s1, n1 = np.asarray(successes, float), np.asarray(trials, float)
     s0, n0 = np.asarray(control_successes, float), np.asarray(control_trials, float)
     with np.errstate(divide="ignore", invalid="ignore"):
         p1, p0 = s1 / n1, s0 / n0
         pooled = (s1 + s0) / (n1 + n0)
-        var = pooled * (1 - pooled) * (1 / n1 + 1 / n0)
+        var = p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0
+        # unanimous arms (all up vs all down) have no spread of their own: use the pooled variance
+        var = np.where(var > 0, var, pooled * (1 - pooled) * (1 / n1 + 1 / n0))
         tau = tau_sd * np.sqrt(pooled * (1 - pooled))
     return msprt_p_values(p1 - p0, var, tau)
 
