@@ -105,6 +105,11 @@ def _counter(text: str, name: str, *labels: str) -> float:
     )
 
 
+def _vllm_metrics(gateway: LiveGateway) -> str:
+    managed = gateway.settings.backends.managed
+    return f"http://{managed.host}:{managed.port}/metrics"
+
+
 def _running(vllm_metrics: str) -> float:
     return _counter(httpx.get(vllm_metrics).text, "vllm:num_requests_running")
 
@@ -115,8 +120,7 @@ def test_stream_is_not_buffered(live_gateway: LiveGateway) -> None:
     the whole stream waiting in its socket at once; for the same reason a starved test process may read
     even the first chunk only after vLLM is done, so it gets three tries. A gateway that buffered the
     stream could pass none of them.)"""
-    managed = live_gateway.settings.backends.managed
-    vllm = f"http://{managed.host}:{managed.port}/metrics"
+    vllm = _vllm_metrics(live_gateway)
     body = {"model": "tiny", "prompt": "one two", "max_tokens": 1000, "stream": True, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
     running_at_first: list[float] = []
@@ -141,8 +145,7 @@ def test_client_disconnect_aborts_the_vllm_request(live_gateway: LiveGateway) ->
     """A client that leaves mid-stream: the gateway cuts the upstream stream, vLLM aborts the request
     (it stops before the 1000 tokens asked for; how many it made by then depends on how loaded the
     machine is), and the gateway logs a 499."""
-    managed = live_gateway.settings.backends.managed
-    vllm = f"http://{managed.host}:{managed.port}/metrics"
+    vllm = _vllm_metrics(live_gateway)
     gone = ("loraloop_requests_total", 'alias="tiny"', 'endpoint="completions"', 'status="499"')
     body = {"model": "tiny", "prompt": "one two", "max_tokens": 1000, "stream": True, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
