@@ -86,17 +86,28 @@ def test_a_five_point_lift_is_found_with_the_documented_sample_size():
     assert found.mean() >= 0.8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known weakness, see the note on issue 2: each arm's own p(1-p)/n is 0 for "
-    "an arm whose few ratings all agree; the pooled variance fixes it but costs the small-sample "
-    "power the live promotion tests are sized for",
-)
 def test_a_unanimous_arm_at_a_tiny_first_look_is_not_evidence():
     """7 of 8 up against 0 of 6 on a canary's first (partial) day, then 10 of 12 against 1 of 12: far too
-    little to call a winner, however the ratings fall on days. One look at the same data gives p > 0.05;
-    two looks give p = 0.014, because the arm without a single thumbs-up has no variance of its own."""
+    little to call a winner, however the ratings fall on days. With each arm's plain p(1-p)/n, two looks
+    gave p = 0.014 (the arm without a single thumbs-up had no variance of its own) where one look gives
+    p > 0.05; the Agresti-Caffo adjustment fixes that."""
     two_looks = stats.sequential_binary([7, 10], [8, 12], [0, 1], [6, 12])
     one_look = stats.sequential_binary([10], [12], [1], [12])
     assert one_look[-1] > 0.05
     assert two_looks[-1] > 0.05, two_looks
+
+
+def test_small_daily_samples_keep_the_false_winner_rate():
+    """A/A with a handful of ratings a day, where unanimous arms are common at the first looks."""
+    rng = np.random.default_rng(11)
+    for p in (0.5, 0.85):
+        winners = stats.simulate_binary(2000, days=14, per_day=4, p_control=p, p_treatment=p, rng=rng)
+        assert winners.mean() <= 0.05, (p, winners.mean())
+
+
+def test_a_large_effect_is_found_on_a_few_dozen_ratings():
+    """28 of 32 up against 4 of 32 (the live promotion test's shape): overwhelming, and the adjustment
+    leaves it so; 3 of 4 against 1 of 4 is not."""
+    assert stats.sequential_binary([28], [32], [4], [32])[-1] < 0.01
+    assert stats.sequential_binary([3], [4], [1], [4])[-1] > 0.2
+    assert stats.sequential_binary([0], [0], [0], [0])[-1] == 1.0  # no ratings, no evidence
