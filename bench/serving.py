@@ -16,12 +16,14 @@ Design — every figure comes with the noise of its own run:
 
 The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a small
 machine) with one keep-alive session per arm, as a real client would hold.
-Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop]`.
+Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--engine emulated]`.
 
 On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
 CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
 (vLLM's compute is not on the gateway's cores): vLLM with all its processes on CPU 0, the gateway and
-the load generator on CPU 1 — in every arm, so the comparison stays paired.
+the load generator on CPU 1 — in every arm, so the comparison stays paired. `--engine emulated`
+goes one step further: bench/emulated_engine.py in place of vLLM, whose batched steps take a fixed
+time and no CPU, as on a GPU — what the gateway adds there, which real vLLM on a CPU cannot show.
 """
 
 from __future__ import annotations
@@ -162,33 +164,61 @@ def pinned_vllm(model: str, cache: Path, log: Path) -> Iterator[str]:
         proc.wait(60)
 
 
+@contextlib.contextmanager
+def emulated_engine(step_ms: float, pin: bool) -> Iterator[str]:
+    """bench/emulated_engine.py (a GPU-like engine: fixed step time, no CPU for the steps) in a child
+    process, on CPU 0 with `pin`; yields its URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.emulated_engine", str(port), str(step_ms / 1000)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if pin else None)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, "bench/emulated_engine.py")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 (default, the embedded model), tiny or a dir")
+    parser.add_argument("--engine", choices=("vllm", "emulated"), default="vllm",
+                        help="emulated: bench/emulated_engine.py in place of vLLM (a GPU host's shape)")  # fmt: skip
+    parser.add_argument("--step-ms", type=float, default=20.0, help="the emulated engine's step time")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--blocks", type=int, default=0, help="per concurrency (default: every order twice)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per round = concurrency x this")
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--no-logging", action="store_true", help="gateway with the event store off")
-    parser.add_argument("--pin", action="store_true", help="vLLM on CPU 0; gateway and load generator on CPU 1")
+    parser.add_argument("--pin", action="store_true",
+                        help="vLLM (or emulated engine) on CPU 0; gateway, hop, load generator on CPU 1")  # fmt: skip
     parser.add_argument("--hop", action="store_true", help="add the bare-proxy arm (bench/hop_proxy.py)")
     args = parser.parse_args()
     cache = Path("~/.cache/loraloop/models").expanduser()
     os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "120")  # see compare(): longer than the client's
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         settings = {"model": args.model, "model_cache_dir": str(cache), "aliases": {"bench": {}},
                     "store": {"enabled": not args.no_logging, "root": str(Path(tmp) / "events")}}  # fmt: skip
-        if args.pin:
-            if len(os.sched_getaffinity(0)) < 2:
-                raise SystemExit("--pin needs two CPUs")
+        if args.engine == "emulated":
+            from serving.model_prep import build_tiny  # the gateway needs a model directory; nothing loads it
+
+            direct = stack.enter_context(emulated_engine(args.step_ms, args.pin))
+            settings["model"] = str(build_tiny(Path(tmp) / "tiny"))
+            settings["backends"] = {"mode": "remote", "urls": [direct], "health_interval_s": 1}
+        elif args.pin:
             direct = stack.enter_context(pinned_vllm(args.model, cache, Path(tmp) / "vllm.log"))
-            os.sched_setaffinity(0, {1})  # this process, and the gateway started from it
             settings["backends"] = {"mode": "remote", "urls": [direct], "health_interval_s": 1}
         else:
             vport = free_port()
             direct = f"http://127.0.0.1:{vport}"
             settings["backends"] = {"managed": {"port": vport, "max_model_len": 1024}}
+        if args.pin:
+            os.sched_setaffinity(0, {1})  # this process, and the gateway and hop started from it
         gateway = stack.enter_context(gateway_process(settings, Path(tmp)))
         urls = {"direct": (direct, "base"), "direct again": (direct, "base"), "gateway": (gateway, "bench")}
         if args.hop:
