@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from deploy.metrics import RegistryCollector
 from feedback.experiments import ExperimentRepo
@@ -29,6 +30,7 @@ from .metrics import GatewayMetrics
 from .openai_serving import AliasResolver, OpenAIServing, RequestRecord
 from .routes import router
 from .settings import Settings
+from .streaming import SERVER_SEND
 from .upstream import UpstreamClient, UpstreamTimeouts
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,15 @@ def base_model_info(settings: Settings, model_path: str | None) -> BaseModelInfo
     except Exception:
         logger.warning("the base model's config.json is not readable here: adapters cannot be registered")
         return None
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, plus the ASGI server's own `send` in the scope: streamed bodies go through it
+    (GuardedStreamingResponse), not through Starlette's per-message wrappers."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def build_app(
@@ -153,7 +164,7 @@ def build_app(
             await client.aclose()
             store.close()  # flushes and seals everything accepted
 
-    app = FastAPI(title="loraloop gateway", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="loraloop gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.pool = pool

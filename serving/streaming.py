@@ -169,6 +169,10 @@ class ChunkRewriter:
         return out
 
 
+#: scope key under which GatewayApp leaves the ASGI server's own `send`
+SERVER_SEND = "loraloop.server_send"
+
+
 class LastChunk(bytes):
     """The last bytes of a stream: GuardedStreamingResponse sends them with the end of the response
     (one write, the client sees the end at once) and closes the body generator."""
@@ -197,13 +201,18 @@ class GuardedStreamingResponse(StreamingResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         watcher = asyncio.get_running_loop().create_task(self._watch(receive))
         try:
-            await self.stream_response(send)
+            await self.stream_response(send, scope.get(SERVER_SEND, send))
         finally:
             watcher.cancel()
             self._on_close()
 
-    async def stream_response(self, send: Any) -> None:
+    async def stream_response(self, send: Any, body_send: Any = None) -> None:
+        """The start goes through the middleware's `send` (they note that the response started); the
+        body, one message per batch of upstream events, through `body_send`: the server's own send
+        when the app put it in the scope (GatewayApp), which skips Starlette's pass-through wrappers
+        on every chunk. No middleware of the gateway transforms a response body."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        send = body_send or send
         body, ended = self.body_iterator, False
         try:
             async for chunk in body:  # the generator is run to its end after a LastChunk (it returns then)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 from serving.openai_serving import RequestRecord, Route
 from serving.settings import AliasConfig
-from serving.streaming import ChunkRewriter, stream_texts
+from serving.streaming import SERVER_SEND, ChunkRewriter, GuardedStreamingResponse, LastChunk, stream_texts
 
 
 def test_stream_texts_of_chat_and_completion_chunks() -> None:
@@ -48,3 +51,34 @@ def test_chunk_rewriter_splices_the_ids_from_the_first_chunk_on() -> None:
         ChunkRewriter(_record("a"), client_wants_usage=True)(other)
         == b'{"object":"x","id":"cmpl-ours","choices":[],"model":"a"}'
     )
+
+
+async def test_a_streamed_body_goes_through_the_servers_own_send() -> None:
+    """The start passes the middleware's send (Starlette notes that the response started); the body
+    goes through the server's send from the scope; the last chunk ends the response; on_close runs."""
+    via_middleware: list[dict[str, Any]] = []
+    via_server: list[dict[str, Any]] = []
+    closed: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield LastChunk(b"data: [DONE]\n\n")
+
+    async def middleware_send(message: dict[str, Any]) -> None:
+        via_middleware.append(message)
+
+    async def server_send(message: dict[str, Any]) -> None:
+        via_server.append(message)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never goes away
+        return {"type": "http.disconnect"}
+
+    response = GuardedStreamingResponse(body(), on_disconnect=lambda: None, on_close=lambda: closed.append(True))
+    await response({"type": "http", SERVER_SEND: server_send}, receive, middleware_send)
+    assert [m["type"] for m in via_middleware] == ["http.response.start"]
+    assert [(m["body"], m["more_body"]) for m in via_server] == [
+        (b"data: 1\n\n", True),
+        (b"data: [DONE]\n\n", False),
+    ]
+    assert closed == [True]
