@@ -7,6 +7,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+from fastapi import Request
+
+from serving.app import GatewayApp
 from serving.openai_serving import RequestRecord, Route
 from serving.settings import AliasConfig
 from serving.streaming import SERVER_SEND, ChunkRewriter, GuardedStreamingResponse, LastChunk, stream_texts
@@ -82,3 +86,17 @@ async def test_a_streamed_body_goes_through_the_servers_own_send() -> None:
         (b"data: [DONE]\n\n", False),
     ]
     assert closed == [True]
+
+
+async def test_the_gateway_app_hands_the_servers_send_to_its_routes() -> None:
+    app = GatewayApp()
+    seen: dict[str, Any] = {}
+
+    @app.get("/probe")
+    async def probe(request: Request) -> dict[str, str]:
+        seen["send"] = request.scope.get(SERVER_SEND)
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+        assert (await client.get("/probe")).status_code == 200
+    assert callable(seen["send"])
