@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from bench.standin_vllm import CHUNK, USAGE
+from bench.standin_vllm import CHUNK, stream_end
 
 
 @dataclass
@@ -100,9 +100,8 @@ def build(step_s: float) -> FastAPI:
         async def events() -> AsyncIterator[bytes]:
             while await seq.tokens.get():
                 yield b"data: " + CHUNK + b"\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield b"data: " + USAGE + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            for end in stream_end(body):
+                yield end
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -21,6 +22,13 @@ USAGE = (
     b'{"id":"cmpl-b0f067a5e5987c15","object":"text_completion","created":1795975128,"model":"base","choices":[],'
     b'"usage":{"prompt_tokens":7,"total_tokens":71,"completion_tokens":64,"prompt_tokens_details":null}}'
 )
+
+
+def stream_end(body: dict[str, Any]) -> list[bytes]:
+    """What ends a stream, one write each as vLLM sends them: the usage chunk when the request asked
+    for it, then [DONE]."""
+    usage = [b"data: " + USAGE + b"\n\n"] if (body.get("stream_options") or {}).get("include_usage") else []
+    return [*usage, b"data: [DONE]\n\n"]
 
 
 def build(step_s: float) -> FastAPI:
@@ -42,9 +50,8 @@ def build(step_s: float) -> FastAPI:
                 elif i % 50 == 0:
                     await asyncio.sleep(0)
                 yield b"data: " + CHUNK + b"\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
-                yield b"data: " + USAGE + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            for end in stream_end(body):
+                yield end
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
