@@ -80,10 +80,12 @@ def base_model_info(settings: Settings, model_path: str | None) -> BaseModelInfo
 
 class GatewayApp(FastAPI):
     """FastAPI, plus the ASGI server's own `send` in the scope: streamed bodies go through it
-    (GuardedStreamingResponse), not through Starlette's per-message wrappers."""
+    (GuardedStreamingResponse), not through Starlette's per-message wrappers. Only while no
+    middleware is added: one added later might transform bodies, and must see them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[SERVER_SEND] = send
+        if not self.user_middleware:
+            scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from serving.app import build_app
+from serving.app import GatewayApp, build_app
 from serving.settings import Settings
 from tests.conftest import FakeBackends
 
@@ -194,6 +194,12 @@ def _events(text: str) -> list[Any]:
             payload = block[6:]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+async def test_the_built_gateway_streams_bodies_through_the_servers_send(gw: Gateway) -> None:
+    """GatewayApp hands the server's send to the streamed responses only while no middleware is added
+    (tests/test_streaming.py); the gateway as built adds none."""
+    assert isinstance(gw.app, GatewayApp) and not gw.app.user_middleware
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from fastapi import Request
+from starlette.middleware.gzip import GZipMiddleware
 
 from serving.app import GatewayApp
 from serving.openai_serving import RequestRecord, Route
@@ -100,3 +101,11 @@ async def test_the_gateway_app_hands_the_servers_send_to_its_routes() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
         assert (await client.get("/probe")).status_code == 200
     assert callable(seen["send"])
+
+    # a middleware added later may transform bodies: then they all go through it
+    with_middleware = GatewayApp()
+    with_middleware.add_middleware(GZipMiddleware)
+    with_middleware.add_api_route("/probe", probe)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(with_middleware), base_url="http://gw") as client:
+        assert (await client.get("/probe")).status_code == 200
+    assert seen["send"] is None
