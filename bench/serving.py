@@ -4,9 +4,11 @@ concurrency (1, 8, 32). Prints, per concurrency, the throughput ratio (gateway /
 
 Design — every figure comes with the noise of its own run:
 - Arms: `direct` (vLLM), `direct again` (a second client session to the same vLLM: an A/A control,
-  whose "overhead" is the estimator's noise and bias in this run), `gateway`, and with `--hop` a
+  whose "overhead" is the estimator's noise and bias in this run), `gateway`, with `--hop` a
   bare proxy (bench/hop_proxy.py: uvicorn + the gateway's upstream client, no validation, routing,
-  logging or metrics), the floor of one Python hop on this machine.
+  logging or metrics), the floor of one Python HTTP hop on this machine, and with `--relay` a
+  byte-level TCP relay (bench/tcp_relay.py): what an extra process in the path costs without any
+  HTTP handling.
 - A block runs each arm once, one round each; blocks cycle through orders in which every arm takes
   every position equally often (the round that follows another is measurably slower here).
 - Per block: throughput ratio and p50-TTFT difference of each arm against `direct`. Printed: the
@@ -16,7 +18,7 @@ Design — every figure comes with the noise of its own run:
 
 The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a small
 machine) with one keep-alive session per arm, as a real client would hold.
-Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--engine emulated]`.
+Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--relay] [--engine emulated]`.
 
 On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
 CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="vLLM (or emulated engine) on CPU 0; gateway, hop, load generator on CPU 1")  # fmt: skip
     parser.add_argument("--hop", action="store_true", help="add the bare-proxy arm (bench/hop_proxy.py)")
+    parser.add_argument("--relay", action="store_true", help="add the TCP-relay arm (bench/tcp_relay.py)")
     args = parser.parse_args()
     cache = Path("~/.cache/loraloop/models").expanduser()
     os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "120")  # see compare(): longer than the client's
@@ -223,14 +226,27 @@ def main() -> None:
         urls = {"direct": (direct, "base"), "direct again": (direct, "base"), "gateway": (gateway, "bench")}
         if args.hop:
             urls["hop"] = (stack.enter_context(hop_process(direct, "base")), "bench")
+        if args.relay:  # bytes only: the model name is not rewritten, so it asks for vLLM's name
+            urls["relay"] = (stack.enter_context(relay_process(direct)), "base")
         asyncio.run(compare(urls, args))
 
 
-@contextlib.contextmanager
-def hop_process(upstream: str, model: str) -> Iterator[str]:
+def hop_process(upstream: str, model: str) -> contextlib.AbstractContextManager[str]:
     """bench/hop_proxy.py in a child process (on the CPUs of this one); yields its URL."""
+    return _proxy_process("hop_proxy.py", upstream, model)
+
+
+def relay_process(upstream: str) -> contextlib.AbstractContextManager[str]:
+    """bench/tcp_relay.py in a child process (on the CPUs of this one); yields its URL."""
+    host, port = upstream.removeprefix("http://").rsplit(":", 1)
+    return _proxy_process("tcp_relay.py", host, port)
+
+
+@contextlib.contextmanager
+def _proxy_process(script: str, *args: str) -> Iterator[str]:
+    """`bench/<script> PORT *args` in a child process; yields its URL once it accepts connections."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hop_proxy.py")), str(port), upstream, model])
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), str(port), *args])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -238,7 +254,7 @@ def hop_process(upstream: str, model: str) -> Iterator[str]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench/hop_proxy.py did not start")
+                raise SystemExit(f"bench/{script} did not start")
             time.sleep(0.2)
         yield url
     finally:
