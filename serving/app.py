@@ -118,6 +118,7 @@ def build_app(
         metrics,
         health_interval_s=b.health_interval_s,
         health_timeout_s=b.health_timeout_s,
+        unhealthy_after=b.unhealthy_after,
     )
     store = EventStore(settings.store, writer_id=settings.replica_id, registry=metrics.registry)
     experiments = ExperimentRepo(settings.store.root, refresh_s=settings.store.experiments_refresh_s)

@@ -33,6 +33,8 @@ class Backend:
     last_change: float = field(default_factory=time.monotonic)
     #: Set by the managed runner while the process is (re)starting, so health checks do not race it.
     starting: bool = False
+    #: Health checks in a row that timed out while it was in rotation.
+    missed_checks: int = 0
 
     def state(self) -> dict[str, object]:
         return {
@@ -45,7 +47,12 @@ class Backend:
 
 
 class BackendPool:
-    """Health-checked back-ends; picks the healthy one with the fewest requests in flight."""
+    """Health-checked back-ends; picks the healthy one with the fewest requests in flight.
+
+    A back-end leaves the rotation when `/health` answers anything but 200 or refuses the connection,
+    or when `unhealthy_after` checks in a row time out: a vLLM server busy with a burst can be slow to
+    accept a connection, and taking the only back-end out for that would turn a slow moment into
+    503s for everyone (a failed forward still takes it out at once: see OpenAIServing._send)."""
 
     def __init__(
         self,
@@ -55,12 +62,14 @@ class BackendPool:
         *,
         health_interval_s: float = 5.0,
         health_timeout_s: float = 3.0,
+        unhealthy_after: int = 3,
     ) -> None:
         self.backends = [Backend(url) for url in urls]
         self.client = client
         self.metrics = metrics
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
+        self.unhealthy_after = unhealthy_after
         self._join_hooks: list[JoinHook] = []
         self._rr = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -91,6 +100,7 @@ class BackendPool:
 
     # --- health ----------------------------------------------------------------------------------
     def mark_down(self, backend: Backend, reason: str) -> None:
+        backend.missed_checks = 0
         if backend.healthy:
             logger.warning("back-end %s is down: %s", backend.url, reason)
             backend.last_change = time.monotonic()
@@ -101,15 +111,25 @@ class BackendPool:
     async def check(self, backend: Backend) -> bool:
         """Probe /health; on a down→up transition run the join hooks before taking traffic."""
         async with self._checks[backend.url]:
+            timed_out = False
             try:
                 resp = await self.client.get(f"{backend.url}/health", timeout=self.health_timeout_s)
                 ok = resp.status_code == 200
                 reason = None if ok else f"/health answered {resp.status_code}"
             except httpx.HTTPError as exc:
                 ok, reason = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+                timed_out = isinstance(exc, httpx.TimeoutException)
             if not ok:
+                if timed_out and backend.healthy:
+                    backend.missed_checks += 1
+                    if backend.missed_checks < self.unhealthy_after:
+                        logger.warning("back-end %s missed a health check (%d in a row, out at %d): %s",
+                                       backend.url, backend.missed_checks, self.unhealthy_after, reason)  # fmt: skip
+                        return True  # still in rotation
+                    reason = f"{reason} ({backend.missed_checks} health checks in a row)"
                 self.mark_down(backend, reason or "unhealthy")
                 return False
+            backend.missed_checks = 0
             if backend.healthy:
                 return True
             try:

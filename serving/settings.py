@@ -107,6 +107,12 @@ class BackendsConfig(_Strict):
     api_key: SecretStr | None = Field(None, description="Bearer key the vLLM servers expect, if any.")
     health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of a back-end.")
     health_timeout_s: float = Field(3.0, gt=0, description="Timeout of one health check.")
+    unhealthy_after: int = Field(
+        3,
+        ge=1,
+        description="Health checks in a row that must time out before a back-end leaves the rotation (a "
+        "busy vLLM can miss one). An answer other than 200, or a refused connection, takes it out at once.",
+    )
     connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for forwarded requests.")
     request_timeout_s: float = Field(600.0, gt=0, description="Read timeout for forwarded requests.")
     keepalive_s: float = Field(
