@@ -43,14 +43,15 @@ class Backend:
             "starting": self.starting,
             "in_flight": self.in_flight,
             "last_error": self.last_error,
+            "missed_checks": self.missed_checks,
         }
 
 
 class BackendPool:
     """Health-checked back-ends; picks the healthy one with the fewest requests in flight.
 
-    A back-end leaves the rotation when `/health` answers anything but 200 or refuses the connection,
-    or when `unhealthy_after` checks in a row time out: a vLLM server busy with a burst can be slow to
+    A back-end leaves the rotation when `/health` answers anything but 200 or the connection fails
+    (refused, reset), or when `unhealthy_after` checks in a row time out: a vLLM server busy with a burst can be slow to
     accept a connection, and taking the only back-end out for that would turn a slow moment into
     503s for everyone (a failed forward still takes it out at once: see OpenAIServing._send)."""
 

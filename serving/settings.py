@@ -111,7 +111,8 @@ class BackendsConfig(_Strict):
         3,
         ge=1,
         description="Health checks in a row that must time out before a back-end leaves the rotation (a "
-        "busy vLLM can miss one). An answer other than 200, or a refused connection, takes it out at once.",
+        "busy vLLM can miss one). An answer other than 200, or a failed connection (refused, reset), takes it "
+        "out at once.",
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for forwarded requests.")
     request_timeout_s: float = Field(600.0, gt=0, description="Read timeout for forwarded requests.")
