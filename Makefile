@@ -3,9 +3,11 @@
 # lint + type check + the whole test suite (unit and integration, as CI runs it)
 check: lint test
 
+# ruff (style, C901 complexity), the import contracts in pyproject.toml (layers, no cycles), mypy
 lint:
-	ruff check serving feedback retrain deploy tests bench
-	ruff format --check serving feedback retrain deploy tests bench
+	ruff check core feedback serving retrain deploy tests bench
+	ruff format --check core feedback serving retrain deploy tests bench
+	lint-imports
 	mypy
 
 test:
@@ -15,4 +17,4 @@ test-unit:
 	python -m pytest -q -m "not integration and not slow"
 
 bench:
-	python bench/serving.py
+	python bench/serving_load.py

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--distinct", action="store_true", help="a new adapter name every cycle")
     args = parser.parse_args()
 
-    from serving.model_prep import build_tiny
+    from retrain.models.prepare import build_tiny
     from tests.adapter_factory import make_label_adapter
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    from serving.model_prep import build_tiny
+    from retrain.models.prepare import build_tiny
     from tests.adapter_factory import make_label_adapter
 
     with tempfile.TemporaryDirectory() as tmp_name:

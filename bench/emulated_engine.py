@@ -6,7 +6,7 @@ fixed step time and spends no CPU on it, the way a GPU runs vLLM's forward passe
   first token. So time-to-first-token = the wait for a step boundary + one step, as in vLLM.
 - The bytes are vLLM's own chunks (bench/standin_vllm.py), so the gateway parses what it would parse.
 
-What it measures against: bench/serving.py `--engine emulated` puts it in place of vLLM, to measure
+What it measures against: bench/serving_load.py `--engine emulated` puts it in place of vLLM, to measure
 what the gateway adds when the engine's compute is not on the gateway's cores, which a CPU-only host
 cannot show with real vLLM. The HTTP side (uvicorn, FastAPI, SSE) is real and runs on the host's CPU,
 as vLLM's API server does on a GPU host.

@@ -1,6 +1,6 @@
 """The gateway's CPU cost per streamed token, measured as process CPU time rather than wall time, so
 it holds on a noisy shared machine — on a small host every CPU-second the gateway spends is taken
-from vLLM, so this is what decides the end-to-end throughput ratio of bench/serving.py.
+from vLLM, so this is what decides the end-to-end throughput ratio of bench/serving_load.py.
 
 A stand-in vLLM (bench/standin_vllm.py, its own process) streams paced tokens; the load generator
 reads them directly and through a `loraloop serve` process (remote back-end, event store on with
@@ -61,7 +61,7 @@ def main() -> None:
         up_url = f"http://127.0.0.1:{up_port}"
         wait_healthy(up_url, upstream, "stand-in vLLM")
         with tempfile.TemporaryDirectory() as tmp:
-            from serving.model_prep import build_tiny
+            from retrain.models.prepare import build_tiny
 
             settings = {"model": str(build_tiny(Path(tmp) / "tiny")), "state_dir": str(Path(tmp) / "state"),
                         "store": {"root": str(Path(tmp) / "events")}, "aliases": {"bench": {}},

@@ -46,9 +46,9 @@ def timed(client: httpx.Client, model: str, chunks: int) -> float:
 
 
 def main() -> None:
+    from core.settings import Settings
+    from retrain.models.prepare import build_tiny
     from serving.app import build_app
-    from serving.model_prep import build_tiny
-    from serving.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         up_port, gw_port = free_port(), free_port()

@@ -1,5 +1,5 @@
 """The floor of one HTTP hop: a raw-ASGI proxy on uvicorn with loraloop's own upstream client and
-nothing else — no validation, routing, logging or metrics. bench/serving.py runs it as its `hop` arm
+nothing else — no validation, routing, logging or metrics. bench/serving_load.py runs it as its `hop` arm
 (`--hop`) to tell what any Python proxy in front of vLLM costs on this machine from what the gateway's
 own work adds. Not for production: it answers nothing but the happy path.
 

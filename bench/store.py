@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import FeedbackEvent, RequestEvent
 from feedback.experiments import Arm, ExperimentRepo
 from feedback.migrations import ensure_current

@@ -21,9 +21,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import KEY, free_port, gateway_process, wait_healthy
+from core.serving_config import ManagedBackendConfig
+from retrain.models.prepare import build_tiny
 from serving.managed import vllm_command, vllm_env
-from serving.model_prep import build_tiny
-from serving.settings import ManagedBackendConfig
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "off": {"enabled": False},

@@ -1,5 +1,5 @@
 """The floor of one extra process in the path: a byte-level TCP relay (uvloop protocols, no HTTP
-parsing, nothing copied twice). bench/serving.py runs it as its `relay` arm (`--relay`), next to the
+parsing, nothing copied twice). bench/serving_load.py runs it as its `relay` arm (`--relay`), next to the
 `hop` arm (bench/hop_proxy.py, an HTTP proxy), to tell what an extra process and two more loopback
 sockets cost on this machine from what handling the HTTP messages costs. It cannot rewrite the
 model name, so its arm asks vLLM for the served base model directly.

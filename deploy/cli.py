@@ -1,5 +1,6 @@
-"""The `loraloop` command line. Each subcommand prints a one-line error and exits non-zero on bad
-input; packages add their own subcommands through a `register(subparsers)` function."""
+"""The `loraloop` command line. Packages add their own subcommands through a `register(subparsers)`
+function; a command raises a ``core.errors.LoraloopError`` and ``main`` alone turns it into one line on
+stderr and the error's exit code (``core.errors.ExitCode``)."""
 
 from __future__ import annotations
 
@@ -9,43 +10,25 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from serving.settings import PRESETS, ConfigError, Settings, load_settings
+from core.errors import ExitCode, LoraloopError
+from core.settings import Settings, load_settings
 
 logger = logging.getLogger("loraloop")
 
-#: Modules that contribute subcommands via `register(subparsers)`; missing ones are skipped.
-_PLUGINS = ("feedback.cli", "serving.admin_cli", "retrain.cli", "deploy.commands", "deploy.demo", "serving.quantize")
-
-
-class CommandError(Exception):
-    """A failure reported to the operator as one line."""
+#: Modules that contribute subcommands via `register(subparsers)`, in the loop's order.
+_PLUGINS = ("feedback.cli", "retrain.cli", "deploy.commands", "deploy.demo")
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     return load_settings(getattr(args, "config", None), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def cmd_init_model(args: argparse.Namespace) -> int:
-    from serving.model_prep import build_tiny, prepare_smollm2
-
-    dst = Path(args.dir)
-    if dst.exists() and any(dst.iterdir()) and not args.force:
-        raise CommandError(f"{dst} is not empty; pass --force to overwrite")
-    if args.preset == "tiny":
-        build_tiny(dst, seed=args.seed)
-    else:
-        prepare_smollm2(dst)
-    print(f"prepared the {args.preset} model in {dst}")
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from retrain.models.prepare import prepare_model
     from serving.app import build_app
-    from serving.model_prep import prepare_model
 
     settings = _settings(args, host=args.host, port=args.port, model=args.model)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"preparing base model {settings.model!r} (cached in {settings.cache_dir}) ...", flush=True)
         model_path = prepare_model(settings.model, settings.cache_dir)
         if settings.quantization:
-            from serving.quantize import prepare_quantized
+            from retrain.models.quantize import prepare_quantized
 
             model_path = prepare_quantized(model_path, settings.quantization, settings.cache_dir,
                                            adapters_configured=bool(settings.adapters))  # fmt: skip
@@ -75,13 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML settings file (LORALOOP_* environment variables override it)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init-model", help="prepare a local model directory (no hub needed)")
-    p.add_argument("dir", help="target directory")
-    p.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny (tests) or smollm2 (a real model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny preset")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
-    p.set_defaults(func=cmd_init_model)
-
     p = sub.add_parser("serve", help="run the OpenAI-compatible gateway (and a managed vLLM)")
     p.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -90,13 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     for name in _PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     for command in sub.choices.values():  # `loraloop COMMAND --config FILE` works as well as before COMMAND
         if "--config" not in command._option_string_actions:
             command.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
@@ -111,16 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.settings = _settings(args)
         code: int = args.func(args)
         return code
-    except (ConfigError, CommandError) as exc:
-        print(f"loraloop: error: {exc}", file=sys.stderr)
-        return 2
+    except LoraloopError as exc:
+        logger.debug("command failed", exc_info=True)
+        print(f"loraloop: error: {exc.one_line()}", file=sys.stderr)
+        return int(exc.exit_code)
     except KeyboardInterrupt:
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # the operator gets one line; details go to the log at debug level
         logger.debug("command failed", exc_info=True)
         name = type(exc).__name__
         print(f"loraloop: error: {name}: {exc}".splitlines()[0], file=sys.stderr)
-        return 1
+        return int(ExitCode.FAILED)
 
 
 if __name__ == "__main__":

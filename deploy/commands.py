@@ -1,4 +1,6 @@
-"""CLI: `loraloop cycle`, `loraloop rollback ALIAS`, `loraloop canary ...`, `loraloop registry ...`."""
+"""CLI: `loraloop cycle`, `loraloop rollback ALIAS`, `loraloop canary ...`, `loraloop registry ...` and
+`loraloop adapters ...` (the admin API from the command line). Errors are raised (core.errors); the CLI's
+main prints them as one line with their exit code."""
 
 from __future__ import annotations
 
@@ -6,12 +8,13 @@ import argparse
 import json
 import logging
 
-from serving.settings import Settings
+from core.errors import ExitCode
+from core.registry import Registry, RegistryConfig
+from core.settings import Settings
 
+from .admin_client import AdminClient, GatewayFleet
 from .controller import PromotionController
-from .cycle import EXIT_LOCKED, CycleLocked, gateway_urls, run_cycle
-from .gateway_admin import GatewayError, GatewayFleet
-from .registry import Registry, RegistryConfig, RegistryError
+from .cycle import run_cycle
 
 
 def _registry(settings: Settings) -> Registry:
@@ -19,26 +22,13 @@ def _registry(settings: Settings) -> Registry:
 
 
 def _controller(settings: Settings) -> PromotionController:
-    key = settings.admin_key.get_secret_value() if settings.admin_key else ""
-    fleet = GatewayFleet(gateway_urls(settings), key, settings.promotion.request_timeout_s)
+    fleet = GatewayFleet.from_settings(settings)
     return PromotionController(_registry(settings), fleet, settings.store.root, settings.promotion, actor="operator")
-
-
-def _fail(exc: Exception) -> int:
-    from deploy.cli import CommandError
-
-    raise CommandError(str(exc).splitlines()[0]) from None
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_cycle(args.settings)
-    except CycleLocked as exc:
-        print(f"loraloop: {exc}")
-        return EXIT_LOCKED
-    except (GatewayError, RegistryError) as exc:
-        return _fail(exc)
+    result = run_cycle(args.settings)
     for alias, actions in result.actions.items():
         for action in actions:
             print(f"{alias}: {action}")
@@ -48,28 +38,22 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    try:
-        reinstated = _controller(args.settings).rollback(args.alias, reason=args.reason)
-    except (GatewayError, RegistryError) as exc:
-        return _fail(exc)
+    reinstated = _controller(args.settings).rollback(args.alias, reason=args.reason)
     print(f"{args.alias} now serves {reinstated.version if reinstated else 'the base model'}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_canary(args: argparse.Namespace) -> int:
     controller = _controller(args.settings)
-    try:
-        if args.action == "start":
-            exp = controller.start_canary(args.target)
-            print(f"canary {exp.id} running on {exp.alias}")
-        else:
-            decision = controller.evaluate(args.target)
-            print("no running canary" if decision is None else f"{decision.action}: {decision.reason}")
-            if decision is not None and args.json:
-                print(json.dumps(decision.figures, indent=2))
-    except (GatewayError, RegistryError) as exc:
-        return _fail(exc)
-    return 0
+    if args.action == "start":
+        exp = controller.start_canary(args.target)
+        print(f"canary {exp.id} running on {exp.alias}")
+        return ExitCode.OK
+    decision = controller.evaluate(args.target)
+    print("no running canary" if decision is None else f"{decision.action}: {decision.reason}")
+    if decision is not None and args.json:
+        print(json.dumps(decision.figures, indent=2))
+    return ExitCode.OK
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -81,7 +65,48 @@ def cmd_registry(args: argparse.Namespace) -> int:
         for e in registry.audit(alias=args.alias):
             print(f"{e['at']:%Y-%m-%d %H:%M:%S} {e['version']:<20} {e['from_status'] or '-':>9} -> "
                   f"{e['to_status']:<9} by {e['actor']}: {e['reason']}")  # fmt: skip
-    return 0
+    return ExitCode.OK
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    key = settings.admin_key.get_secret_value() if settings.admin_key else ""
+    client = AdminClient(args.url or settings.admin_url, key, settings.promotion.request_timeout_s)
+    try:
+        if args.action == "list":
+            for a in client.adapters():
+                states = a["backends"].items()
+                where = ", ".join(f"{u}: {'loaded' if s is True else s if s else '-'}" for u, s in states)
+                print(f"{a['name']:<24} r={a['rank']:<3} aliases={','.join(a['aliases']) or '-':<16} {where}")
+            for entry in client.aliases():
+                print(f"alias {entry['alias']} -> {entry['adapter'] or 'base'}")
+            return ExitCode.OK
+        if args.action == "register":
+            out = client.register_adapter(args.name, args.path)
+        elif args.action == "unload":
+            out = client.unload_adapter(args.name)
+        else:
+            out = client.point(args.alias, None if args.adapter in ("base", "none", "-") else args.adapter)
+    finally:
+        client.close()
+    print(json.dumps(out))
+    return ExitCode.OK
+
+
+def _register_adapters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapters", help="register, list, unload adapters and repoint aliases (admin API)")
+    p.add_argument("--url", help="gateway URL (default: http://HOST:PORT from the settings)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="adapters with their state on every back-end, and the aliases")
+    r = actions.add_parser("register", help="validate and load an adapter directory under the adapter root")
+    r.add_argument("name")
+    r.add_argument("path")
+    u = actions.add_parser("unload", help="unload and forget an adapter no alias uses")
+    u.add_argument("name")
+    pt = actions.add_parser("point", help="repoint an alias to an adapter (or `base`)")
+    pt.add_argument("alias")
+    pt.add_argument("adapter")
+    p.set_defaults(func=cmd_adapters, needs_settings=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,3 +125,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["list", "audit"])
     p.add_argument("--alias")
     p.set_defaults(func=cmd_registry, needs_settings=True)
+    _register_adapters(sub)

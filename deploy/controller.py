@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from core.deploy_config import PromotionConfig
+from core.registry import AdapterVersion, Registry, RegistryError
+from deploy.admin_client import GatewayFleet
 from feedback.experiments import Experiment, ExperimentRepo
 from feedback.report import ArmReport, Report, build_report
-
-from .config import PromotionConfig
-from .gateway_admin import GatewayFleet
-from .registry import AdapterVersion, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +115,10 @@ class PromotionController:
         self.actor = actor
 
     # --- canaries ---------------------------------------------------------------------------------
+    def canary_aliases(self) -> set[str]:
+        """Aliases with a canary experiment, running or not (the cycle evaluates each)."""
+        return {e.alias for e in self.repo.list() if e.id.startswith(CANARY_PREFIX)}
+
     def running_canary(self, alias: str) -> Experiment | None:
         for exp in self.repo.list(alias):
             if exp.id.startswith(CANARY_PREFIX) and exp.status == "running":

@@ -6,53 +6,38 @@
 
 A lock file makes a second concurrent cycle exit at once (code 75). One alias failing does not stop
 the others and never touches serving (retraining writes nothing the gateway serves until the gate
-passes; the canary starts only then). Exit codes: 0 nothing to do, 10 acted, 1 an alias failed.
+passes; the canary starts only then). Exit codes (core.errors.ExitCode): 0 nothing to do, 10 acted, 1 an
+alias failed, 75 locked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.cycle_status import CycleAction, CycleResult, write_status
+from core.errors import ExitCode, LoraloopError
+from core.registry import Registry, RegistryConfig
+from core.runs import RunRecords
+from core.settings import Settings
 from feedback.reader import StoreReader
-from serving.settings import Settings
 
+from .admin_client import GatewayFleet
 from .controller import PromotionController
-from .gateway_admin import GatewayFleet
-from .registry import Registry, RegistryConfig
 
 logger = logging.getLogger(__name__)
 
-EXIT_NOTHING, EXIT_ACTED, EXIT_FAILED, EXIT_LOCKED = 0, 10, 1, 75
-ACTING = {"promote", "rollback", "timeout", "ramp", "canary_started"}
 
-
-class CycleLocked(RuntimeError):
+class CycleLocked(LoraloopError, RuntimeError):
     """Another cycle holds the lock."""
 
-
-@dataclass
-class CycleResult:
-    started_at: str
-    finished_at: str = ""
-    actions: dict[str, list[str]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        if self.failed:
-            return EXIT_FAILED
-        acted = any(a.split(":")[0] in ACTING for acts in self.actions.values() for a in acts)
-        return EXIT_ACTED if acted else EXIT_NOTHING
+    exit_code = ExitCode.LOCKED
 
 
 @contextlib.contextmanager
@@ -69,15 +54,9 @@ def cycle_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def gateway_urls(settings: Settings) -> list[str]:
-    return settings.promotion.gateway_urls or [f"http://{settings.host}:{settings.port}"]
-
-
 def last_watermark(settings: Settings, alias: str) -> str | None:
     """The data watermark of the alias's last run that got past training (registered or gated out)."""
-    from retrain.records import RunRecords
-
-    runs = RunRecords(settings.registry_path.with_name("runs.duckdb")).list(alias)
+    runs = RunRecords(settings.runs_path).list(alias)
     done = [r for r in runs if r["outcome"] in ("registered", "rejected") and r["data_watermark"]]
     return str(done[-1]["data_watermark"]) if done else None
 
@@ -98,6 +77,7 @@ def new_feedback(settings: Settings, alias: str, since: str | None) -> int:
 
 def retrain_alias(settings: Settings, alias: str, since: str | None) -> tuple[str, str | None]:
     """Run the alias's recipe; returns (outcome, registered version)."""
+    # imported here: training pulls in transformers, peft and TRL, which every other command can do without
     from retrain.run import run_recipe
 
     spec = settings.cycle.aliases[alias]
@@ -114,35 +94,40 @@ def retrain_alias(settings: Settings, alias: str, since: str | None) -> tuple[st
     return result.outcome, result.version
 
 
+def cycle_alias(
+    settings: Settings, controller: PromotionController, alias: str, now: datetime | None, actions: list[CycleAction]
+) -> None:
+    """One alias's night: decide on its canary; retrain when it has none and enough new feedback. What was
+    done is appended to ``actions`` as it happens (kept when a later step fails)."""
+    decision = controller.evaluate(alias, now=now)
+    if decision is not None:
+        actions.append(CycleAction(decision.action, decision.reason))
+    if alias not in settings.cycle.aliases or controller.running_canary(alias) is not None:
+        return
+    since = last_watermark(settings, alias)
+    fresh = new_feedback(settings, alias, since)
+    needed = settings.cycle.aliases[alias].min_new_feedback
+    if fresh < needed:
+        actions.append(CycleAction("skip", f"{fresh} new feedback since {since or 'the start'} (< {needed})"))
+        return
+    outcome, version = retrain_alias(settings, alias, since)
+    actions.append(CycleAction("retrain", f"{outcome} {version or ''}".strip()))
+    if outcome == "registered" and version is not None:
+        exp = controller.start_canary(version)
+        actions.append(CycleAction("canary_started", f"{version} in {exp.id}"))
+
+
 def run_cycle(settings: Settings, *, now: datetime | None = None) -> CycleResult:
     state_dir = settings.cycle.state_dir
     result = CycleResult(started_at=datetime.now(UTC).isoformat())
     with cycle_lock(state_dir):
         registry = Registry(RegistryConfig(path=settings.registry_path, adapter_root=settings.adapter_root))
-        key = settings.admin_key.get_secret_value() if settings.admin_key else ""
-        fleet = GatewayFleet(gateway_urls(settings), key, settings.promotion.request_timeout_s)
+        fleet = GatewayFleet.from_settings(settings)
         controller = PromotionController(registry, fleet, settings.store.root, settings.promotion)
         try:
-            canary_aliases = {e.alias for e in controller.repo.list() if e.id.startswith("canary-")}
-            for alias in sorted(set(settings.cycle.aliases) | canary_aliases):
-                actions = result.actions.setdefault(alias, [])
+            for alias in sorted(set(settings.cycle.aliases) | controller.canary_aliases()):
                 try:
-                    decision = controller.evaluate(alias, now=now)
-                    if decision is not None:
-                        actions.append(f"{decision.action}: {decision.reason}")
-                    if alias not in settings.cycle.aliases or controller.running_canary(alias) is not None:
-                        continue
-                    since = last_watermark(settings, alias)
-                    fresh = new_feedback(settings, alias, since)
-                    needed = settings.cycle.aliases[alias].min_new_feedback
-                    if fresh < needed:
-                        actions.append(f"skip: {fresh} new feedback since {since or 'the start'} (< {needed})")
-                        continue
-                    outcome, version = retrain_alias(settings, alias, since)
-                    actions.append(f"retrain: {outcome} {version or ''}".strip())
-                    if outcome == "registered" and version is not None:
-                        exp = controller.start_canary(version)
-                        actions.append(f"canary_started: {version} in {exp.id}")
+                    cycle_alias(settings, controller, alias, now, result.actions.setdefault(alias, []))
                 except Exception as exc:  # one alias failing never stops the others
                     logger.exception("cycle failed for alias %s", alias)
                     result.failed[alias] = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -151,22 +136,3 @@ def run_cycle(settings: Settings, *, now: datetime | None = None) -> CycleResult
         result.finished_at = datetime.now(UTC).isoformat()
         write_status(state_dir, result)
     return result
-
-
-def write_status(state_dir: Path, result: CycleResult) -> None:
-    """The last cycle's outcome, read by the gateways' metrics (loraloop_cycle_*)."""
-    status = {**asdict(result), "exit_code": result.exit_code, "finished_ts": time.time()}
-    path = state_dir / "last_cycle.json"
-    previous = read_status(state_dir)
-    status["last_success_ts"] = status["finished_ts"] if not result.failed else previous.get("last_success_ts")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, path)
-
-
-def read_status(state_dir: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads((state_dir / "last_cycle.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return {}

@@ -29,14 +29,15 @@ import httpx
 import yaml
 from tqdm import tqdm
 
-from serving.model_prep import prepare_model
-from serving.settings import Settings
+from core import paths
+from core.registry import Registry, RegistryConfig
+from core.settings import Settings
+from deploy.admin_client import GatewayFleet
+from retrain.models.prepare import prepare_model
 
 from .controller import CANARY_PREFIX, PromotionController
 from .cycle import run_cycle
-from .gateway_admin import GatewayFleet
 from .local import LocalGateway, start_local_gateway
-from .registry import Registry, RegistryConfig
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ class DemoConfig:
 
     preset: str = "smollm2"
     aa: bool = False
-    workdir: Path = Path("./.loraloop/demo")
+    workdir: Path = paths.STATE_ROOT / "demo"
     alias: str = "reviews"
     users: int = 40
     baseline_requests: int = 160
@@ -300,8 +301,8 @@ def write_report(
 def cmd_demo(args: Any) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it cannot find: noise
-    cfg = DemoConfig(preset=args.preset, aa=args.aa, workdir=Path(args.workdir or f"./.loraloop/demo-{args.preset}"
-                                                                    + ("-aa" if args.aa else "")))  # fmt: skip
+    default_dir = paths.STATE_ROOT / f"demo-{args.preset}{'-aa' if args.aa else ''}"
+    cfg = DemoConfig(preset=args.preset, aa=args.aa, workdir=Path(args.workdir) if args.workdir else default_dir)
     result = run_demo(cfg)
     ok = result.promoted is None if cfg.aa else (result.promoted is not None and result.after_rate > result.before_rate)
     print("demo " + ("succeeded" if ok else "did not reach the expected outcome"))

@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from serving.settings import Settings
+from core.settings import Settings
 
 
 @dataclass

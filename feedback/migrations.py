@@ -24,6 +24,7 @@ from pathlib import Path
 
 import duckdb
 
+from core.errors import LoraloopError
 from feedback.fsutil import FileLock, atomic_write_bytes, fsync_dir
 from feedback.schema import SCHEMA_VERSION, TABLES, WAL_COLUMNS, sql_str
 from feedback.segments import new_connection, write_parquet
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "STORE.json"
 
 
-class StoreVersionError(RuntimeError):
+class StoreVersionError(LoraloopError, RuntimeError):
     """The store was written by another schema version than this code reads."""
 
 

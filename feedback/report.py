@@ -400,10 +400,3 @@ def _decide(exp: Experiment, arms: dict[str, ArmReport], srm: stats.SRMResult, a
     if not control.guardrails_ok:
         notes.append("control violates guardrails")
     return None, "; ".join(["no winner yet: keep running", *notes])
-
-
-def write_plot(report: Report, path: Path | str) -> Path:
-    """Write the report's plot (.png, or .html with the table); see feedback.plot."""
-    from feedback.plot import write_plot as _write_plot
-
-    return _write_plot(report, path)

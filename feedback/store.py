@@ -21,7 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from feedback.config import StoreConfig
+from core.errors import LoraloopError
+from core.store_config import StoreConfig
 from feedback.events import AdapterChangeEvent, AssignmentEvent, FeedbackEvent, RequestEvent
 from feedback.fsutil import FileLock, fsync_dir, write_all
 from feedback.metrics import StoreMetrics
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 _QUEUED_TYPES = (RequestEvent, AssignmentEvent, AdapterChangeEvent)
 
 
-class StoreError(RuntimeError):
+class StoreError(LoraloopError, RuntimeError):
     """The store cannot accept or persist an event right now (the gateway answers 503)."""
 
 

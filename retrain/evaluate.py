@@ -244,8 +244,8 @@ def vllm_server(cfg: EvalSection, base: str, *, log_path: Path) -> Iterator[str]
         return
     import socket
 
+    from core.serving_config import ManagedBackendConfig
     from serving.managed import detect_device, vllm_command, vllm_env
-    from serving.settings import ManagedBackendConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,7 @@
 """A training recipe: one YAML file, validated into these pydantic models (every field is documented).
 
-The recipe runs as one readable script (``retrain.run.run_recipe``): setup -> train -> evaluate -> save;
-each step gets only its own section (``model``, ``lora``, ``train``, ``search``, ``eval``, ``output``).
+The recipe runs as steps (``retrain.run.run_recipe``): setup -> export -> prepare -> train -> evaluate -> publish;
+each step gets only its own sections (``model``, ``data``, ``lora``, ``train``, ``search``, ``eval``, ``output``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core import paths
+from core.errors import UsageError
+from retrain.config import DataConfig
 
 
 class _Strict(BaseModel):
@@ -167,21 +171,23 @@ class DataSection(_Strict):
     """Where the training data comes from and how it is split."""
 
     store_root: Path | None = Field(
-        None, description="Event store root; default: the CLI's --store or ./.loraloop/events."
+        None, description="Event store root; default: the CLI's --store, else the settings' `store.root`."
     )
     good_score: float = Field(4.0, description="Scores >= this count as good answers.")
     bad_score: float = Field(2.0, description="Scores <= this count as bad answers.")
     lag_s: float = Field(0.0, ge=0, description="The export stops this many seconds before now.")
-    prepare: dict[str, Any] = Field(
-        default_factory=dict, description="Options of retrain.config.DataConfig (dedup, filters, split sizes ...)."
+    prepare: DataConfig = Field(
+        default_factory=lambda: DataConfig(),
+        description="Data preparation: cleaning, PII, dedupe, splits, balance, augmentation "
+        "(retrain.config.DataConfig; docs/data-preparation.md).",
     )
 
 
 class OutputSection(_Strict):
     """Where runs, adapters and the registry live."""
 
-    runs_dir: Path = Field(Path("./.loraloop/runs"), description="One directory per run (checkpoints, logs, plot).")
-    registry_path: Path | None = Field(None, description="Registry DuckDB file; default ./.loraloop/registry.duckdb.")
+    runs_dir: Path = Field(paths.RUNS_DIR, description="One directory per run (checkpoints, logs, plot).")
+    registry_path: Path | None = Field(None, description="Registry DuckDB file; default: the settings' registry_path.")
     adapter_root: Path | None = Field(None, description="Adapter root; default: the settings' adapter_root.")
     max_lora_rank: int | None = Field(None, description="Checked on the adapter; default: the settings' max_lora_rank.")
 
@@ -211,7 +217,7 @@ class Recipe(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError, ValueError):
     """An unreadable or invalid recipe (one line for the operator)."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import regex  # the `re` dialect plus match timeouts: target/rank patterns come from untrusted configs
 
+from core.errors import UsageError
+
 CODES = frozenset(
     {
         "outside_root",
@@ -34,6 +36,7 @@ CODES = frozenset(
         "shape_mismatch",
     }
 )
+
 #: File kinds an adapter directory may hold; anything else could be a pickle in disguise.
 SAFE_SUFFIXES = frozenset({".json", ".safetensors", ".md", ".txt", ".jinja"})
 SAFE_NAMES = frozenset({".gitattributes"})
@@ -66,7 +69,7 @@ _KEY = re.compile(r"base_model\.model\.(?P<mod>[\w.]+?)\.(?P<kind>lora_[AB]\.wei
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class AdapterRejected(ValueError):
+class AdapterRejected(UsageError, ValueError):
     """An adapter that must not reach vLLM; ``code`` is machine-readable, ``str()`` is for people."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -26,11 +26,12 @@ from typing import Any
 
 import httpx
 
+from core.settings import Settings
+
 from .adapter_checks import AdapterRejected, BaseModelInfo, ValidatedAdapter, validate_adapter
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .metrics import GatewayMetrics
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from .adapter_checks import AdapterRejected, ValidatedAdapter
 from .adapters import AdapterManager
-from .dependencies import AdminKey
+from .dependencies import AdaptersDep, AdminKey
 from .errors import OpenAIError
 
 router = APIRouter(prefix="/admin")
-
-
-def get_adapters(request: Request) -> AdapterManager:
-    manager: AdapterManager = request.app.state.adapters
-    return manager
-
-
-AdaptersDep = Annotated[AdapterManager, Depends(get_adapters)]
 
 
 class RegisterAdapter(BaseModel):
@@ -83,3 +75,7 @@ async def list_aliases(manager: AdaptersDep, _: AdminKey) -> dict[str, Any]:
 async def point_alias(alias: str, body: PointAlias, manager: AdaptersDep, _: AdminKey) -> dict[str, Any]:
     previous = await manager.point(alias, body.adapter)
     return {"alias": alias, "adapter": body.adapter, "previous": previous}
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

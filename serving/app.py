@@ -1,4 +1,5 @@
-"""`build_app(settings)`: the one place where the gateway's parts are created and wired."""
+"""`build_app(settings)`: the gateway. ``init_app_state`` creates its parts and wires them to each other;
+``build_app`` only puts them on the app and attaches each router file's routes (as vLLM's api_server)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,29 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from deploy.metrics import RegistryCollector
+from core.quantization import PROVENANCE
+from core.settings import Settings
 from feedback.experiments import ExperimentRepo
 from feedback.store import EventStore
 
+from . import admin, experiments_api, feedback_api, routes
 from .adapter_checks import BaseModelInfo
 from .adapters import AdapterManager
-from .admin import router as admin_router
 from .backends import BackendPool
 from .errors import install_error_handlers
-from .experiments_api import router as experiments_router
 from .feedback_api import adapter_change_logger, request_event_observer
-from .feedback_api import router as feedback_router
 from .managed import ManagedVLLM
 from .metrics import GatewayMetrics
-from .openai_serving import AliasResolver, OpenAIServing, RequestRecord
-from .routes import router
-from .settings import Settings
+from .openai_serving import AliasResolver, OpenAIServing
+from .records import RequestRecord
+from .registry_metrics import RegistryCollector
 from .streaming import SERVER_SEND
 from .upstream import UpstreamClient, UpstreamTimeouts
 
@@ -64,7 +65,7 @@ def base_model_info(settings: Settings, model_path: str | None) -> BaseModelInfo
     names = [settings.model, settings.backends.served_model_name]
     if Path(path).expanduser().is_dir():
         # adapters trained on the unquantized base fit its quantized checkpoint
-        provenance = Path(path).expanduser() / "loraloop-quantization.json"
+        provenance = Path(path).expanduser() / PROVENANCE
         if provenance.is_file():
             names.append(str(json.loads(provenance.read_text()).get("source", "")))
         return BaseModelInfo.from_model_dir(Path(path).expanduser(), extra_names=[n for n in names if n])
@@ -89,21 +90,64 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def build_app(
+@dataclass
+class GatewayState:
+    """The gateway's long-lived components (``app.state`` holds the same objects under the same names)."""
+
+    settings: Settings
+    metrics: GatewayMetrics
+    client: httpx.AsyncClient
+    pool: BackendPool
+    store: EventStore
+    experiments: ExperimentRepo
+    adapters: AdapterManager
+    upstream: UpstreamClient
+    serving: OpenAIServing
+    model_path: str | None
+    log_dir: Path
+    managed: ManagedVLLM | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the managed vLLM (if any), the store and the health checks; on the way out, stop them and
+        flush and seal every accepted event."""
+        b = self.settings.backends
+        if b.mode == "managed" and self.model_path is not None:
+            self.managed = ManagedVLLM(
+                self.model_path, b.served_model_name, b.managed, self.pool, self.metrics, self.log_dir,
+                max_lora_rank=self.settings.max_lora_rank, keepalive_s=b.keepalive_s,
+            )  # fmt: skip
+            self.managed.start()
+        app.state.managed = self.managed
+        if self.settings.store.enabled:
+            self.store.start()  # recovers and seals what a crashed predecessor left
+        self.pool.start()
+        try:
+            yield
+        finally:
+            await self.adapters.wait_background()
+            if self.managed is not None:
+                await self.managed.stop()
+            await self.pool.stop()
+            await self.upstream.aclose()
+            await self.client.aclose()
+            self.store.close()  # flushes and seals everything accepted
+
+    def attach(self, app: FastAPI) -> None:
+        for name in ("settings", "metrics", "pool", "serving", "adapters", "store", "experiments", "managed"):
+            setattr(app.state, name, getattr(self, name))
+        app.state.created = int(time.time())
+
+
+def init_app_state(
     settings: Settings,
     *,
-    model_path: str | None = None,
+    model_path: str | None,
     transport: httpx.AsyncBaseTransport | None = None,
     log_dir: Path | None = None,
-) -> FastAPI:
-    """Create the gateway. ``model_path`` is the prepared base model (a managed back-end serves it;
-    adapters are checked against its config); ``transport`` lets tests put a fake vLLM behind it.
-    Raises AdapterRejected when a configured adapter fails its checks."""
+) -> GatewayState:
+    """Create the gateway's components and wire them to each other (nothing starts until the lifespan)."""
     b = settings.backends
-    if b.mode == "managed" and model_path is None:
-        from .model_prep import prepare_model
-
-        model_path = prepare_model(settings.model, settings.cache_dir)
     metrics = GatewayMetrics()
     metrics.registry.register(RegistryCollector(settings.registry_path, settings.cycle.state_dir))
     client = httpx.AsyncClient(
@@ -142,44 +186,28 @@ def build_app(
     serving = OpenAIServing(settings, pool, resolver, upstream, observers=observers)
     if settings.store.enabled and settings.store.durable_requests:
         serving.commit = store.wait_durable
+    return GatewayState(settings, metrics, client, pool, store, experiments, adapters, upstream, serving, model_path,
+                        log_dir or settings.cache_dir / "logs")  # fmt: skip
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        managed: ManagedVLLM | None = None
-        if b.mode == "managed" and model_path is not None:
-            managed = ManagedVLLM(
-                model_path, b.served_model_name, b.managed, pool, metrics, log_dir or settings.cache_dir / "logs",
-                max_lora_rank=settings.max_lora_rank, keepalive_s=b.keepalive_s,
-            )  # fmt: skip
-            managed.start()
-        app.state.managed = managed
-        if settings.store.enabled:
-            store.start()  # recovers and seals what a crashed predecessor left
-        pool.start()
-        try:
-            yield
-        finally:
-            await adapters.wait_background()
-            if managed is not None:
-                await managed.stop()
-            await pool.stop()
-            await upstream.aclose()
-            await client.aclose()
-            store.close()  # flushes and seals everything accepted
 
-    app = GatewayApp(title="loraloop gateway", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.pool = pool
-    app.state.serving = serving
-    app.state.adapters = adapters
-    app.state.store = store
-    app.state.experiments = experiments
-    app.state.created = int(time.time())
-    app.state.managed = None
+def build_app(
+    settings: Settings,
+    *,
+    model_path: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    log_dir: Path | None = None,
+) -> FastAPI:
+    """Create the gateway. ``model_path`` is the prepared base model (a managed back-end serves it;
+    adapters are checked against its config), made by ``retrain.models.prepare.prepare_model`` before
+    (`loraloop serve` does); ``transport`` lets tests put a fake vLLM behind it. Raises AdapterRejected
+    when a configured adapter fails its checks."""
+    if settings.backends.mode == "managed" and model_path is None:
+        raise ValueError("a managed back-end serves a prepared model: pass model_path (see prepare_model)")
+    state = init_app_state(settings, model_path=model_path, transport=transport, log_dir=log_dir)
+    app = GatewayApp(title="loraloop gateway", version="0.1.0", lifespan=state.lifespan)
+    state.attach(app)
     install_error_handlers(app)
-    app.include_router(router)
-    app.include_router(admin_router)
-    app.include_router(feedback_router)
-    app.include_router(experiments_router)
+    for attach_router in (routes.attach_router, admin.attach_router, feedback_api.attach_router,
+                          experiments_api.attach_router):  # fmt: skip
+        attach_router(app)
     return app

@@ -11,9 +11,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
+from core.settings import Settings
+from feedback.experiments import ExperimentRepo
+from feedback.store import EventStore
+
+from .adapters import AdapterManager
 from .errors import OpenAIError
 from .openai_serving import OpenAIServing
-from .settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:
@@ -24,6 +28,21 @@ async def get_settings(request: Request) -> Settings:
 async def get_serving(request: Request) -> OpenAIServing:
     serving: OpenAIServing = request.app.state.serving
     return serving
+
+
+async def get_adapters(request: Request) -> AdapterManager:
+    adapters: AdapterManager = request.app.state.adapters
+    return adapters
+
+
+async def get_experiments(request: Request) -> ExperimentRepo:
+    repo: ExperimentRepo = request.app.state.experiments
+    return repo
+
+
+async def get_store(request: Request) -> EventStore:
+    store: EventStore = request.app.state.store
+    return store
 
 
 def _bearer(request: Request) -> str | None:
@@ -81,6 +100,9 @@ async def health_guard(request: Request, settings: Annotated[Settings, Depends(g
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServingDep = Annotated[OpenAIServing, Depends(get_serving)]
+AdaptersDep = Annotated[AdapterManager, Depends(get_adapters)]
+ExperimentsDep = Annotated[ExperimentRepo, Depends(get_experiments)]
+StoreDep = Annotated[EventStore, Depends(get_store)]
 ApiKey = Annotated[None, Depends(require_api_key)]
 AdminKey = Annotated[None, Depends(require_admin_key)]
 MetricsGuard = Annotated[None, Depends(metrics_guard)]

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import LoraloopError
+
 logger = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -29,7 +31,7 @@ _TYPE_BY_STATUS = {
 }
 
 
-class OpenAIError(Exception):
+class OpenAIError(LoraloopError):
     """An error returned to the client with an HTTP status and the OpenAI error body."""
 
     def __init__(

@@ -4,28 +4,19 @@ loaded on every back-end before an experiment starts splitting traffic."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from feedback.experiments import Arm, Experiment, ExperimentError, ExperimentRepo, Guardrails
+from feedback.experiments import Arm, Experiment, ExperimentError, Guardrails
 from feedback.report import build_report
 
-from .admin import AdaptersDep
-from .dependencies import AdminKey, SettingsDep
+from .dependencies import AdaptersDep, AdminKey, ExperimentsDep, SettingsDep
 from .errors import OpenAIError
 
 router = APIRouter(prefix="/admin/experiments")
-
-
-def get_repo(request: Request) -> ExperimentRepo:
-    repo: ExperimentRepo = request.app.state.experiments
-    return repo
-
-
-RepoDep = Annotated[ExperimentRepo, Depends(get_repo)]
 
 
 class CreateExperiment(BaseModel):
@@ -65,14 +56,14 @@ async def _load_arms(arms: list[Arm], adapters: AdaptersDep) -> None:
 
 
 @router.get("")
-async def list_experiments(repo: RepoDep, _: AdminKey, alias: str | None = None) -> dict[str, Any]:
+async def list_experiments(repo: ExperimentsDep, _: AdminKey, alias: str | None = None) -> dict[str, Any]:
     exps = await anyio.to_thread.run_sync(lambda: repo.list(alias))
     return {"object": "list", "data": [e.model_dump(mode="json") for e in exps]}
 
 
 @router.post("", status_code=201)
 async def create_experiment(
-    body: CreateExperiment, repo: RepoDep, adapters: AdaptersDep, settings: SettingsDep, _: AdminKey
+    body: CreateExperiment, repo: ExperimentsDep, adapters: AdaptersDep, settings: SettingsDep, _: AdminKey
 ) -> dict[str, Any]:
     if body.alias not in settings.aliases:
         raise OpenAIError(404, f"alias {body.alias!r} does not exist", code="model_not_found")
@@ -98,7 +89,9 @@ async def create_experiment(
 
 
 @router.patch("/{experiment_id}")
-async def update_experiment(experiment_id: str, body: UpdateExperiment, repo: RepoDep, _: AdminKey) -> dict[str, Any]:
+async def update_experiment(
+    experiment_id: str, body: UpdateExperiment, repo: ExperimentsDep, _: AdminKey
+) -> dict[str, Any]:
     try:
         exp: Experiment = await anyio.to_thread.run_sync(
             lambda: repo.update(
@@ -116,7 +109,7 @@ async def update_experiment(experiment_id: str, body: UpdateExperiment, repo: Re
 
 
 @router.post("/{experiment_id}/stop")
-async def stop_experiment(experiment_id: str, repo: RepoDep, _: AdminKey) -> dict[str, Any]:
+async def stop_experiment(experiment_id: str, repo: ExperimentsDep, _: AdminKey) -> dict[str, Any]:
     try:
         exp: Experiment = await anyio.to_thread.run_sync(lambda: repo.stop(experiment_id, actor="admin-api"))
     except ExperimentError as exc:
@@ -136,3 +129,7 @@ async def experiment_report(experiment_id: str, settings: SettingsDep, _: AdminK
         "decision": report.decision,
         "table": report.to_table(),
     }
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.settings import Settings
 from feedback.events import (
     AdapterChangeEvent,
     AssignmentEvent,
@@ -25,10 +26,9 @@ from feedback.events import (
 )
 from feedback.store import EventStore, StoreError
 
-from .dependencies import ApiKey, SettingsDep
+from .dependencies import ApiKey, SettingsDep, StoreDep
 from .errors import OpenAIError
-from .openai_serving import RequestRecord
-from .settings import Settings
+from .records import RequestRecord
 
 router = APIRouter()
 
@@ -118,14 +118,6 @@ class FeedbackIn(BaseModel):
     model: str | None = Field(None, description="The alias the request used (applies its privacy switch).")
 
 
-def get_store(request: Request) -> EventStore:
-    store: EventStore = request.app.state.store
-    return store
-
-
-StoreDep = Annotated[EventStore, Depends(get_store)]
-
-
 @router.post("/v1/feedback", response_model=None)
 async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep, _: ApiKey) -> JSONResponse:
     if not settings.store.enabled:
@@ -157,3 +149,7 @@ async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep
         "created": created,
     }
     return JSONResponse(payload, status_code=201 if created else 200)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

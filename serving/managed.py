@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from core.serving_config import ManagedBackendConfig
+
 from .backends import Backend, BackendPool
 from .metrics import GatewayMetrics
-from .settings import ManagedBackendConfig
 
 logger = logging.getLogger(__name__)
 

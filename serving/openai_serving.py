@@ -8,33 +8,32 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from feedback.experiments import Arm, Experiment, ExperimentRepo
+from core.serving_config import AliasConfig
+from core.settings import Settings
+from feedback.experiments import ExperimentRepo
 
 from .adapters import AdapterManager
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .settings import AliasConfig, Settings
+from .records import Endpoint, Observer, RequestRecord, Route
 from .streaming import (
     ChunkRewriter,
     GuardedStreamingResponse,
     LastChunk,
     drop_spec_nulls,
     error_status,
-    stream_texts,
     take_usage,
 )
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
-Endpoint = Literal["chat", "completions"]
 _PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _ID_PREFIX: dict[Endpoint, str] = {"chat": "chatcmpl-", "completions": "cmpl-"}
 _DEFAULTED = ("temperature", "top_p", "max_tokens")
@@ -43,66 +42,6 @@ ADAPTER_HEADER = "x-loraloop-adapter"
 ARM_HEADER = "x-loraloop-arm"
 EXPERIMENT_HEADER = "x-loraloop-experiment"
 REQUEST_ID_HEADER = "x-request-id"
-
-
-@dataclass
-class Route:
-    """Where one request goes: the alias the client named and the vLLM model that serves it."""
-
-    alias: str
-    config: AliasConfig
-    adapter: str | None  # LoRA name, None for the base
-    target_model: str  # what vLLM is asked for
-    experiment: Experiment | None = None  # the running experiment that assigned the arm
-    arm: Arm | None = None
-
-
-@dataclass
-class RequestRecord:
-    """What happened to one request; handed to every observer when the request ends."""
-
-    request_id: str
-    endpoint: Endpoint
-    route: Route
-    body: dict[str, Any]
-    user: str | None
-    stream: bool
-    started: float = field(default_factory=time.perf_counter)
-    started_at: float = field(default_factory=time.time)
-    status: int = 200
-    error: str | None = None
-    backend: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    ttft_s: float | None = None
-    latency_s: float | None = None
-    finish_reason: str | None = None
-    texts: dict[int, list[str]] = field(default_factory=dict)
-    finished: bool = False
-    #: the client disconnected mid-stream (the upstream stream was cut on purpose)
-    client_gone: bool = False
-    #: raw stream chunks passed through without parsing; parsed in one go when the text is asked for
-    stream_chunks: list[bytes] = field(default_factory=list)
-
-    @property
-    def completion_text(self) -> str:
-        self._parse_stream_chunks()
-        return "".join(self.texts.get(0, []))
-
-    def add_text(self, index: int, text: str | None) -> None:
-        if text:
-            self.texts.setdefault(index, []).append(text)
-
-    def _parse_stream_chunks(self) -> None:
-        if not self.stream_chunks:
-            return
-        raw, self.stream_chunks = b"[" + b",".join(self.stream_chunks) + b"]", []
-        for index, text, finish_reason in stream_texts(raw, chat=self.endpoint == "chat"):
-            self.add_text(index, text)
-            self.finish_reason = finish_reason or self.finish_reason
-
-
-Observer = Callable[[RequestRecord], None]
 
 
 class AliasResolver:

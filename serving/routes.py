@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,8 +12,9 @@ from pydantic import BaseModel, ValidationError
 
 from .dependencies import ApiKey, HealthGuard, MetricsGuard, ServingDep, check_api_key
 from .errors import OpenAIError
-from .openai_serving import Endpoint, OpenAIServing
+from .openai_serving import OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .records import Endpoint
 
 router = APIRouter()
 
@@ -103,3 +104,7 @@ async def health(serving: ServingDep, _: HealthGuard) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request, _: MetricsGuard) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,6 +1,5 @@
 """Passing vLLM's token streams on: the chunk rewriter (loraloop's id and the alias spliced into vLLM's
-bytes), the schema fix-ups, the streaming response that notices a client leaving, and the decoder
-that recovers the text of a stream for the request log."""
+bytes), the schema fix-ups, and the streaming response that notices a client leaving."""
 
 from __future__ import annotations
 
@@ -9,54 +8,11 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
 from fastapi.responses import StreamingResponse
 
-if TYPE_CHECKING:
-    from .openai_serving import RequestRecord
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _ChunkChoice(msgspec.Struct):
-    index: int = 0
-    text: str | None = None
-    delta: _Delta | None = None
-    finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    """What the request log needs of a stream chunk; msgspec skips the rest without building it."""
-
-    choices: list[_ChunkChoice] | None = None
-
-
-_STREAM_CHUNKS = msgspec.json.Decoder(list[_Chunk])
-
-
-def stream_texts(raw: bytes, *, chat: bool) -> list[tuple[int, str | None, str | None]]:
-    """(choice index, text, finish reason) of every choice in a JSON array of stream chunks. Typed
-    decoding of only those fields is fast; anything of an unexpected shape falls back to plain JSON."""
-    try:
-        return [
-            (c.index, (c.delta.content if c.delta else None) if chat else c.text, c.finish_reason)
-            for chunk in _STREAM_CHUNKS.decode(raw)
-            for c in chunk.choices or ()
-        ]
-    except msgspec.ValidationError:
-        out: list[tuple[int, str | None, str | None]] = []
-        for chunk in json.loads(raw):
-            for c in chunk.get("choices") or []:
-                part = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                index = c.get("index") if isinstance(c.get("index"), int) else 0
-                reason = c.get("finish_reason") if isinstance(c.get("finish_reason"), str) else None
-                out.append((index, part if isinstance(part, str) else None, reason))
-        return out
-
+from .records import RequestRecord
 
 #: Optional fields that vLLM sends as null but OpenAI's schema types as array/object: dropped.
 _NULL_DROPPED = ("annotations", "audio", "function_call", "tool_calls", "prompt_tokens_details",

@@ -6,7 +6,7 @@ each request is one pre-rendered head plus the body, written in the calling task
 burst: aiohttp (on Python < 3.12) writes a request body from a task of its own, which runs only after
 every other request already waiting in the event loop has been taken in, so the first request of a
 burst reached vLLM last; and a general client's per-request bookkeeping (header multidicts, cookie
-jars, tracing hooks) was a third of the gateway's intake (bench/gateway_cpu.py, bench/serving.py).
+jars, tracing hooks) was a third of the gateway's intake (bench/gateway_cpu.py, bench/serving_load.py).
 
 Streams are handled as bytes: events are split on the blank line and handed on without decoding.
 The control plane (health checks, adapter loads) stays on httpx, where requests are rare."""
@@ -26,11 +26,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from core.errors import LoraloopError
+
 #: a reader that falls this far behind stops reading from vLLM until it catches up
 _HIGH_WATER = 1 << 20
 
 
-class UpstreamError(Exception):
+class UpstreamError(LoraloopError):
     """The back-end failed; ``kind`` says how: `connect` (nothing was sent: try another back-end),
     `timeout`, or `failed`."""
 

@@ -1,6 +1,6 @@
 """Real (tiny) LoRA adapters for tests, and the hostile variants the gateway must refuse.
 
-``make_label_adapter`` trains a peft LoRA on a base model (normally ``serving.model_prep.build_tiny``) so
+``make_label_adapter`` trains a peft LoRA on a base model (normally ``retrain.models.prepare.build_tiny``) so
 that, for any chat prompt, greedy decoding answers exactly ``label`` and then the end-of-turn token. An
 adapter's effect is therefore visible in one short request, through transformers+peft and through vLLM.
 """

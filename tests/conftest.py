@@ -14,8 +14,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from core.settings import Settings
 from deploy.local import LocalGateway, start_local_gateway
-from serving.settings import Settings
 from tests.adapter_factory import make_label_adapter
 from tests.fake_vllm import build_fake_vllm, reset_fake_vllm, serve_in_thread
 
@@ -57,7 +57,7 @@ def fake_vllm(fake_backends: FakeBackends) -> FakeBackends:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from serving.model_prep import build_tiny
+    from retrain.models.prepare import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 
-def build_fake_vllm(served: str = "base") -> FastAPI:
+def build_fake_vllm(served: str = "base") -> FastAPI:  # noqa: C901 -- its routes are closures over the app; mccabe counts them here
     app = FastAPI()
     reset_fake_vllm(app)
 

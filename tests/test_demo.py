@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from core.registry import Registry, RegistryConfig
 from deploy.demo import DemoConfig, run_demo
-from deploy.registry import Registry, RegistryConfig
 from tests.conftest import LiveGateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

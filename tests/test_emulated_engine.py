@@ -1,4 +1,4 @@
-"""bench/emulated_engine.py is a measuring instrument (bench/serving.py --engine emulated): its engine
+"""bench/emulated_engine.py is a measuring instrument (bench/serving_load.py --engine emulated): its engine
 must batch like vLLM's: an idle engine starts a step on arrival, a request arriving mid-step joins the
 next one, every step gives each running request one token and lasts at least the step time."""
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from core.settings import Settings
 from serving.app import GatewayApp, build_app
-from serving.settings import Settings
 from tests.conftest import FakeBackends
 
 API_KEY = "sk-unit-test-key-0001"

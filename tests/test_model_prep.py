@@ -1,4 +1,4 @@
-"""serving.model_prep: the tiny preset, SmolLM2 conversion and prepare_model's resolution and caching."""
+"""retrain.models.prepare: the tiny preset, SmolLM2 conversion and prepare_model's resolution and caching."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from serving import model_prep
-from serving.model_prep import ModelUnavailable, build_tiny, prepare_model, prepare_smollm2
+from retrain.models import prepare as model_prep
+from retrain.models.prepare import ModelUnavailable, build_tiny, prepare_model, prepare_smollm2
 
 CHAT = [
     {"role": "system", "content": "You label reviews."},
@@ -46,7 +46,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     # A separate process: the BPE trainer's hash maps are seeded per process.
-    code = "import sys, pathlib, serving.model_prep as m; m.build_tiny(pathlib.Path(sys.argv[1]))"
+    code = "import sys, pathlib, retrain.models.prepare as m; m.build_tiny(pathlib.Path(sys.argv[1]))"
     repo = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")], check=True, capture_output=True, cwd=repo)
     again = tmp_path / "again"

@@ -1,10 +1,10 @@
-"""serving.quantize: the scheme table and adapter policy, llm-compressor FP8_DYNAMIC on the tiny model
-(compressed-tensors checkpoint that transformers loads), the CLI, and — the real check — vLLM CPU serving
-the FP8 base with a LoRA adapter the way transformers+peft serves the unquantized base."""
+"""retrain.models.quantize and core.quantization: the scheme table and adapter policy, llm-compressor
+FP8_DYNAMIC on the tiny model (compressed-tensors checkpoint that transformers loads), the CLI, and — the real
+check — vLLM CPU serving the FP8 base with a LoRA adapter the way transformers+peft serves the unquantized
+base."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -13,21 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from serving.quantize import (
+from core.quantization import (
     CPU_AND_GPU,
-    PATH_ENV,
     PROVENANCE,
     SCHEMES,
-    QuantizationFailed,
     QuantizationRefused,
-    calibration_texts,
     check_adapter_compatibility,
-    fit_group_size,
     get_scheme,
+    read_scheme,
+)
+from deploy.cli import main
+from retrain.models.quantize import (
+    PATH_ENV,
+    QuantizationFailed,
+    calibration_texts,
+    fit_group_size,
     llmcompressor_available,
     quantize,
-    read_scheme,
-    register,
 )
 from tests.conftest import REPO
 
@@ -39,12 +41,8 @@ KEEPING = sorted(name for name, info in SCHEMES.items() if not info.rescales_act
 
 
 def run_cli(argv: list[str]) -> int:
-    """`loraloop quantize ...` through serving.quantize's own register() (no deploy.cli needed)."""
-    parser = argparse.ArgumentParser(prog="loraloop")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
+    """`loraloop quantize ...` in this process, through the CLI's main (its errors and exit codes)."""
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -192,17 +190,7 @@ def test_transformers_loads_fp8_checkpoint(fp8_dir: Path, tiny_model_dir: Path) 
     assert not torch.equal(quantized, reference)
 
 
-def _main_cli_has_quantize() -> bool:
-    from deploy.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return "quantize" in action.choices
-    return False
-
-
 @needs_llmcompressor
-@pytest.mark.skipif(not _main_cli_has_quantize(), reason="serving.quantize is not in deploy.cli._PLUGINS yet")
 def test_main_cli_quantize(tiny_model_dir: Path, tmp_path: Path) -> None:
     dst = tmp_path / "q"
     cli = [sys.executable, "-m", "deploy.cli", "quantize", str(tiny_model_dir), str(dst), "--scheme"]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from core.config_docs import render
+from core.errors import ConfigError
+from core.settings import load_settings
 from deploy.cli import main
-from serving.config_docs import render
-from serving.settings import ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def test_missing_config_file_and_same_keys(tmp_path: Path, monkeypatch: pytest.M
 
 def test_config_docs_are_current() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text()
-    assert doc.strip() == render().strip(), "run: python -m serving.config_docs > docs/configuration.md"
+    assert doc.strip() == render().strip(), "run: python -m core.config_docs > docs/configuration.md"
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.model_prep import prepare_model
+from retrain.models.prepare import prepare_model
 from tests.conftest import live_settings, start_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,10 +11,10 @@ import httpx
 from fastapi import Request
 from starlette.middleware.gzip import GZipMiddleware
 
+from core.serving_config import AliasConfig
 from serving.app import GatewayApp
-from serving.openai_serving import RequestRecord, Route
-from serving.settings import AliasConfig
-from serving.streaming import SERVER_SEND, ChunkRewriter, GuardedStreamingResponse, LastChunk, stream_texts
+from serving.records import RequestRecord, Route, stream_texts
+from serving.streaming import SERVER_SEND, ChunkRewriter, GuardedStreamingResponse, LastChunk
 
 
 def test_stream_texts_of_chat_and_completion_chunks() -> None:

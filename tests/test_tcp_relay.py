@@ -1,4 +1,4 @@
-"""bench/tcp_relay.py is a measuring instrument (bench/serving.py --relay): it must pass every byte
+"""bench/tcp_relay.py is a measuring instrument (bench/serving_load.py --relay): it must pass every byte
 both ways unchanged, also what a client sends before the upstream connection is up, and close each
 side when the other closes."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.serving import relay_process
+from bench.serving_load import relay_process
 
 
 async def test_the_relay_passes_bytes_both_ways_and_closes_with_the_upstream() -> None:

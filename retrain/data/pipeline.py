@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import LoraloopError
 from retrain.config import DataConfig
 from retrain.data.augment import augment_rows
 from retrain.data.balance import attribute_value, balance_rows
@@ -95,7 +96,7 @@ class PreparedData:
         return "\n".join([fmt(header), rule, *(fmt(r) for r in lines)])
 
 
-class NotEnoughData(ValueError):
+class NotEnoughData(LoraloopError, ValueError):
     """Fewer training rows than ``DataConfig.min_rows`` are left; ``prepared`` holds what was made."""
 
     def __init__(self, message: str, prepared: PreparedData) -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from deploy.config import CanaryGuardrails, PromotionConfig
+from core.deploy_config import CanaryGuardrails, PromotionConfig
+from core.registry import Registry, RegistryConfig
+from core.store_config import StoreConfig
 from deploy.controller import Decision, PromotionController, decide
-from deploy.registry import Registry, RegistryConfig
-from feedback.config import StoreConfig
 from feedback.events import AssignmentEvent, FeedbackEvent, RequestEvent
 from feedback.experiments import Arm, ExperimentRepo
 from feedback.reader import StoreReader

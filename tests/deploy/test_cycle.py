@@ -15,16 +15,18 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 import deploy.cycle
+from core.cycle_status import CycleAction, last_actions
+from core.deploy_config import PromotionConfig
+from core.errors import ExitCode
+from core.registry import Registry
+from core.settings import Settings
 from deploy.cli import main as cli
-from deploy.config import PromotionConfig
 from deploy.controller import PromotionController
-from deploy.cycle import EXIT_ACTED, EXIT_FAILED, EXIT_LOCKED, EXIT_NOTHING, CycleLocked, cycle_lock, run_cycle
-from deploy.metrics import RegistryCollector
-from deploy.registry import Registry
+from deploy.cycle import CycleLocked, cycle_lock, run_cycle
 from feedback.events import FeedbackEvent, RequestEvent
 from feedback.experiments import ExperimentRepo
 from feedback.store import EventStore
-from serving.settings import Settings
+from serving.registry_metrics import RegistryCollector
 from tests.deploy.test_controller_decisions import (
     EXP,
     NOW,
@@ -81,6 +83,10 @@ class Fleets:
         self.made.append(fleet)
         return fleet
 
+    def from_settings(self, settings: Settings) -> FakeFleet:  # as GatewayFleet.from_settings
+        key = settings.admin_key.get_secret_value() if settings.admin_key else ""
+        return self(settings.promotion.gateway_urls, key, settings.promotion.request_timeout_s)
+
 
 @pytest.fixture
 def fleets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fleets:
@@ -122,10 +128,10 @@ def test_nothing_to_do_exits_0_and_writes_the_status(tmp_path: Path, fleets: Fle
     settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 50}})
     before = time.time()
     result = run_cycle(settings)
-    assert result.exit_code == EXIT_NOTHING, result
-    assert result.actions == {"x": ["skip: 0 new feedback since the start (< 50)"]} and result.failed == {}
+    assert result.exit_code == ExitCode.OK, result
+    assert result.actions == {"x": [CycleAction("skip", "0 new feedback since the start (< 50)")]} and not result.failed
     st = status(tmp_path)
-    assert st["exit_code"] == 0 and st["failed"] == {} and st["actions"] == result.actions
+    assert st["exit_code"] == 0 and st["failed"] == {} and last_actions(st) == result.actions
     assert before <= st["last_success_ts"] == st["finished_ts"] <= time.time()
     assert st["started_at"] <= st["finished_at"]
     assert [f.calls for f in fleets.made] == [[]]  # nothing was changed on the gateways
@@ -136,31 +142,31 @@ def test_promoted_canary_exits_10_and_a_second_run_does_nothing(tmp_path: Path, 
     reg = winning_canary(tmp_path)
     settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}})
     first = run_cycle(settings)
-    assert first.exit_code == EXIT_ACTED, first
+    assert first.exit_code == ExitCode.ACTED, first
     promote, skip = first.actions["x"]
-    assert promote.startswith("promote: candidate wins") and skip.startswith("skip: ")
+    assert promote.kind == "promote" and promote.detail.startswith("candidate wins") and skip.kind == "skip"
     assert reg.get("x-v2").status == "champion" and reg.get("x-v1").status == "retired"
     assert ExperimentRepo(tmp_path / "events").get(EXP).status == "stopped"
     assert fleets.made[0].calls == [("point", ("x", "x-v2")), ("stop_experiment", EXP)]
     assert fleets.aliases["x"] == "x-v2"
     st1 = status(tmp_path)
-    assert st1["exit_code"] == EXIT_ACTED and st1["last_success_ts"] == st1["finished_ts"]
+    assert st1["exit_code"] == ExitCode.ACTED and st1["last_success_ts"] == st1["finished_ts"]
 
     audit = reg.audit()
     second = run_cycle(settings)
-    assert second.exit_code == EXIT_NOTHING, second
-    assert [a.split(":")[0] for a in second.actions["x"]] == ["skip"]
+    assert second.exit_code == ExitCode.OK, second
+    assert [a.kind for a in second.actions["x"]] == ["skip"]
     assert fleets.made[1].calls == []  # nothing new: nothing is touched
     assert reg.audit() == audit and reg.get("x-v2").status == "champion"
     st2 = status(tmp_path)
-    assert st2["exit_code"] == EXIT_NOTHING and st2["last_success_ts"] >= st1["last_success_ts"]
+    assert st2["exit_code"] == ExitCode.OK and st2["last_success_ts"] >= st1["last_success_ts"]
 
 
 def test_canary_of_an_alias_outside_the_cycle_config_is_still_evaluated(tmp_path: Path, fleets: Fleets) -> None:
     reg = winning_canary(tmp_path)
     result = run_cycle(make_settings(tmp_path, {}))
-    assert result.exit_code == EXIT_ACTED and list(result.actions) == ["x"], result
-    assert [a.split(":")[0] for a in result.actions["x"]] == ["promote"]  # no retraining: not configured
+    assert result.exit_code == ExitCode.ACTED and list(result.actions) == ["x"], result
+    assert [a.kind for a in result.actions["x"]] == ["promote"]  # no retraining: not configured
     assert reg.get("x-v2").status == "champion"
 
 
@@ -170,7 +176,7 @@ def test_missing_recipe_fails_that_alias_only(tmp_path: Path, fleets: Fleets) ->
     reg = winning_canary(tmp_path)
     plain_feedback(tmp_path / "events", "broken", 6)
     good = run_cycle(make_settings(tmp_path, {}))  # a first cycle without `broken`: nothing failed
-    assert good.exit_code == EXIT_ACTED
+    assert good.exit_code == ExitCode.ACTED
     reg.register_candidate("x", tmp_path / "adapters" / "x-v3", base_model="tiny")
     broken = {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}
     settings = make_settings(
@@ -182,14 +188,14 @@ def test_missing_recipe_fails_that_alias_only(tmp_path: Path, fleets: Fleets) ->
     record(tmp_path / "events", {"champion": ArmPlan(400, 300, 0.5), "candidate": ArmPlan(400, 300, 0.85)},
            create=False, exp_id="canary-x-v3", seed=7)  # fmt: skip
     result = run_cycle(settings)
-    assert result.exit_code == EXIT_FAILED, result
+    assert result.exit_code == ExitCode.FAILED, result
     assert list(result.failed) == ["broken"] and "missing.yaml" in result.failed["broken"]
     assert result.failed["broken"].startswith("RecipeError")
     assert result.actions["broken"] == []
-    assert [a.split(":")[0] for a in result.actions["x"]] == ["promote", "skip"]
+    assert [a.kind for a in result.actions["x"]] == ["promote", "skip"]
     assert reg.get("x-v3").status == "champion"
     st = status(tmp_path)
-    assert st["exit_code"] == EXIT_FAILED and st["failed"] == result.failed
+    assert st["exit_code"] == ExitCode.FAILED and st["failed"] == result.failed
     assert st["last_success_ts"] < st["finished_ts"]  # the previous good cycle's
     # nothing was recorded as a run: the next night tries again from the same watermark
     assert deploy.cycle.last_watermark(settings, "broken") is None
@@ -204,8 +210,8 @@ def test_skip_counts_only_feedback_of_the_alias(tmp_path: Path, fleets: Fleets) 
             store.write_feedback(FeedbackEvent(request_id=f"o{i}", kind="thumbs", value=True))
     settings = make_settings(tmp_path, {"broken": {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}})
     result = run_cycle(settings)
-    assert result.exit_code == EXIT_NOTHING, result
-    assert result.actions == {"broken": ["skip: 4 new feedback since the start (< 5)"]}
+    assert result.exit_code == ExitCode.OK, result
+    assert result.actions == {"broken": [CycleAction("skip", "4 new feedback since the start (< 5)")]}
 
 
 # --- the lock ---------------------------------------------------------------------------------------------
@@ -220,11 +226,11 @@ def test_a_second_cycle_is_refused_while_one_holds_the_lock(
         with pytest.raises(CycleLocked, match="another cycle is running"):
             run_cycle(settings)
         capsys.readouterr()
-        assert cli(["--config", config, "cycle"]) == EXIT_LOCKED == 75
-        assert "another cycle is running" in capsys.readouterr().out
+        assert cli(["--config", config, "cycle"]) == ExitCode.LOCKED == 75
+        assert "loraloop: error: another cycle is running" in capsys.readouterr().err
         assert fleets.made == []  # refused before touching anything
         assert not (tmp_path / "cycle" / "last_cycle.json").exists()
-    assert run_cycle(settings).exit_code == EXIT_NOTHING  # released: the next one runs
+    assert run_cycle(settings).exit_code == ExitCode.OK  # released: the next one runs
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------
@@ -233,16 +239,16 @@ def test_a_second_cycle_is_refused_while_one_holds_the_lock(
 def test_cli_exit_codes(tmp_path: Path, fleets: Fleets, capsys: pytest.CaptureFixture[str]) -> None:
     aliases = {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}}
     config = write_config(tmp_path, aliases)
-    assert cli(["--config", config, "cycle"]) == EXIT_NOTHING
+    assert cli(["--config", config, "cycle"]) == ExitCode.OK
     assert "x: skip: 0 new feedback" in capsys.readouterr().out
     winning_canary(tmp_path)
-    assert cli(["--config", config, "cycle"]) == EXIT_ACTED
+    assert cli(["--config", config, "cycle"]) == ExitCode.ACTED
     assert "x: promote: candidate wins" in capsys.readouterr().out
     plain_feedback(tmp_path / "events", "broken", 3)
     config = write_config(
         tmp_path, {**aliases, "broken": {"recipe": str(tmp_path / "nope.yaml"), "min_new_feedback": 1}}
     )
-    assert cli(["--config", config, "cycle"]) == EXIT_FAILED
+    assert cli(["--config", config, "cycle"]) == ExitCode.FAILED
     assert "broken: FAILED RecipeError" in capsys.readouterr().out
 
 
@@ -274,7 +280,7 @@ def test_a_timed_out_canary_is_not_a_rollback(tmp_path: Path, fleets: Fleets) ->
     ctl.start_canary("x-v2")
     record(root, {"champion": ArmPlan(200, 100, 0.5), "candidate": ArmPlan(200, 100, 0.5)}, create=False)
     result = run_cycle(make_settings(tmp_path, {}), now=NOW + timedelta(days=4))  # past max_duration_h (72)
-    assert [a.split(":")[0] for a in result.actions["x"]] == ["timeout"], result
+    assert [a.kind for a in result.actions["x"]] == ["timeout"], result
     assert reg.get("x-v2").status == "retired" and reg.get("x-v1").status == "champion"  # no verdict against it
     prom = CollectorRegistry()
     prom.register(RegistryCollector(reg.path, tmp_path / "cycle"))

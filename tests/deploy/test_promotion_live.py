@@ -18,13 +18,13 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.deploy_config import CanaryGuardrails, PromotionConfig
+from core.registry import Registry, RegistryConfig
+from deploy.admin_client import GatewayFleet
 from deploy.cli import main as cli
-from deploy.config import CanaryGuardrails, PromotionConfig
 from deploy.controller import PromotionController
-from deploy.gateway_admin import GatewayFleet
-from deploy.metrics import RegistryCollector
-from deploy.registry import Registry, RegistryConfig
 from feedback.experiments import ExperimentRepo
+from serving.registry_metrics import RegistryCollector
 from tests.conftest import ADMIN_KEY, LiveGateway
 from tests.test_adapters_live import Load, Outcome, one_request
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import RequestEvent
 from feedback.store import EventStore
 

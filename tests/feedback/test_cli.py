@@ -1,16 +1,18 @@
-"""The `report`, `experiments`, `export` and `events` subcommands, driven like deploy/cli.py drives them."""
+"""The `report`, `experiments`, `export` and `events` subcommands, through the CLI's main (its errors and exit
+codes), on a real store."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from feedback.cli import parse_arm, register
-from feedback.config import StoreConfig
+from core.errors import ExitCode
+from core.store_config import StoreConfig
+from deploy.cli import main
+from feedback.cli import parse_arm
 from feedback.events import FeedbackEvent
 from feedback.experiments import ExperimentRepo
 from feedback.store import EventStore
@@ -18,11 +20,9 @@ from tests.feedback.conftest import make_request
 
 
 def _run(root: Path, *argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="loraloop")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.settings = SimpleNamespace(store=StoreConfig(root=root, export_lag_s=0))
-    return int(args.func(args))
+    config = root.parent / "cli-settings.yaml"
+    config.write_text(yaml.safe_dump({"store": {"root": str(root), "export_lag_s": 0}}))
+    return main(["--config", str(config), *argv])
 
 
 def test_parse_arm():
@@ -54,9 +54,9 @@ def test_experiment_lifecycle_report_export_and_status(tmp_path: Path, capsys: p
         == 0
     )
     assert "created experiment exp-cli" in capsys.readouterr().out
-    assert _run(tmp_path, "experiments", "create", "--alias", "default", "--arm", "x") == 1
+    assert _run(tmp_path, "experiments", "create", "--alias", "default", "--arm", "x") == ExitCode.USAGE
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("loraloop: error: ") and err.count("\n") == 1
 
     exp = ExperimentRepo(tmp_path).get("exp-cli")
     with EventStore(StoreConfig(root=tmp_path), "gw") as s:
@@ -75,7 +75,7 @@ def test_experiment_lifecycle_report_export_and_status(tmp_path: Path, capsys: p
     assert _run(tmp_path, "report", "exp-cli", "--plot", str(plot)) == 0
     out = capsys.readouterr().out
     assert "experiment exp-cli" in out and "decision" in out and plot.is_file()
-    assert _run(tmp_path, "report", "missing") == 1
+    assert _run(tmp_path, "report", "missing") == ExitCode.USAGE
     assert "no experiment" in capsys.readouterr().err
 
     assert _run(tmp_path, "export", "--out", str(tmp_path / "x")) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import FeedbackEvent
 from feedback.reader import StoreReader
 from feedback.store import EventStore

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import FeedbackEvent
 from feedback.export import export_training_data, parse_watermark, read_rows
 from feedback.store import EventStore

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.migrations import STORE_FILE, StoreVersionError, ensure_current, read_version
 from feedback.reader import StoreReader
 from feedback.schema import SCHEMA_VERSION

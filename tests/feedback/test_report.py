@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import AdapterChangeEvent, FeedbackEvent
 from feedback.experiments import Arm, Experiment, ExperimentError, ExperimentRepo, Guardrails
 from feedback.plot import write_plot

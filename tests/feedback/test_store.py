@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import AdapterChangeEvent, AssignmentEvent, FeedbackEvent
 from feedback.reader import StoreReader
 from feedback.store import EventStore, StoreError

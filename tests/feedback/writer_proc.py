@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from feedback.config import StoreConfig
+from core.store_config import StoreConfig
 from feedback.events import FeedbackEvent
 from feedback.store import EventStore
 from tests.feedback.conftest import make_request

@@ -14,7 +14,7 @@ FUTURE_SUBCOMMANDS: frozenset[str] = frozenset()  # every subcommand the manifes
 PENDING_SETTINGS: dict[str, str] = {}
 
 #: `loraloop_*` series the dashboard and the alerts use before any registry defines them.
-PENDING_METRICS: frozenset[str] = frozenset()  # the registry/cycle metrics come from deploy.metrics now
+PENDING_METRICS: frozenset[str] = frozenset()  # the registry/cycle metrics come from serving.registry_metrics now
 
 #: vLLM's own series the dashboard and the alerts use (checked against vLLM's source when installed).
 VLLM_METRICS = frozenset(

@@ -18,8 +18,9 @@ import jsonschema
 import pytest
 import yaml
 
+from core.serving_config import ManagedBackendConfig
+from core.settings import Settings, load_settings
 from serving.managed import vllm_command, vllm_env
-from serving.settings import ManagedBackendConfig, Settings, load_settings
 from tests.k8s import contract
 from tests.k8s.manifests import (
     K8S,
@@ -329,7 +330,7 @@ def test_default_looking_keys_are_refused(
     objs: tuple[Obj, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Secret's placeholder in docs/kubernetes.md would not start a gateway."""
-    from serving.settings import ConfigError
+    from core.errors import ConfigError
 
     sts = one(objs, "StatefulSet", "loraloop-gateway")
     with pytest.raises(ConfigError, match="api_key"):

@@ -78,9 +78,9 @@ def series_names(registry: Any) -> set[str]:
 
 
 def loraloop_metrics() -> set[str]:
-    from deploy.metrics import RegistryCollector
     from feedback.metrics import StoreMetrics
     from serving.metrics import GatewayMetrics
+    from serving.registry_metrics import RegistryCollector
 
     registry_and_cycle = CollectorRegistry()
     registry_and_cycle.register(RegistryCollector(Path("/nonexistent/registry.duckdb"), Path("/nonexistent")))

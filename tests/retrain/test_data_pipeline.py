@@ -193,7 +193,7 @@ def test_seed_dataset_joins_with_derived_ids(tok: Any, tmp_path: Path) -> None:
 def test_from_the_event_store(tok: Any, tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
 
-    from feedback.config import StoreConfig
+    from core.store_config import StoreConfig
     from feedback.events import FeedbackEvent, RequestEvent
     from feedback.store import EventStore
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.registry import Registry, RegistryConfig, RegistryError
+from core.registry import Registry, RegistryConfig, RegistryError
 
 
 def _reg(tmp_path: Path) -> Registry:

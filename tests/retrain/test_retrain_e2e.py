@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.registry import Registry, RegistryConfig
+from core.store_config import StoreConfig
 from deploy.cli import main
-from deploy.registry import Registry, RegistryConfig
-from feedback.config import StoreConfig
 from feedback.events import FeedbackEvent, RequestEvent
 from feedback.store import EventStore
 
@@ -75,7 +75,7 @@ def snapshot(tmp: Path) -> dict[str, Any]:
 @pytest.mark.integration
 def test_retrain_beats_base_and_registers(tmp_path: Path, tiny_model_dir: Path, live_gateway: Any,
                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from retrain.records import RunRecords
+    from core.runs import RunRecords
     from serving.adapter_checks import BaseModelInfo, validate_adapter
 
     write_feedback_store(tmp_path / "events")
@@ -112,7 +112,7 @@ def test_retrain_beats_base_and_registers(tmp_path: Path, tiny_model_dir: Path, 
 
 
 def test_broken_runs_change_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from retrain.records import RunRecords
+    from core.runs import RunRecords
 
     write_feedback_store(tmp_path / "events", n=30)
     before = snapshot(tmp_path)
@@ -129,7 +129,7 @@ def test_broken_runs_change_nothing(tmp_path: Path, tiny_model_dir: Path) -> Non
 
 def test_rerun_same_data_same_seed_same_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Two runs of the same recipe on the same data (same watermark) give the same adapter bytes and figures."""
-    from retrain.records import RunRecords
+    from core.runs import RunRecords
 
     write_feedback_store(tmp_path / "events", n=40)
     extra = ("--set", "eval.skip_generation=true", "--set", "eval.primary_metric=neg_loss",

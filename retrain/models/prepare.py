@@ -1,4 +1,4 @@
-"""Prepare local model directories that both vLLM and transformers load.
+"""Prepare local base-model directories that both vLLM and transformers load.
 
 Two presets exist besides local directories and hub ids:
 
@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.errors import LoraloopError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -54,7 +56,7 @@ CHATML_TEMPLATE = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(LoraloopError):
     """A model could not be prepared; the message is one line for the operator."""
 
 

@@ -1,4 +1,5 @@
-"""loraloop's one settings object.
+"""loraloop's one settings object, at the bottom of the import graph: every layer reads its slice from here
+(`store:` for feedback/, `aliases:`/`backends:` for serving/, `promotion:`/`cycle:` for deploy/).
 
 Values come from, highest priority first: keyword arguments, ``LORALOOP_*`` environment variables
 (nested fields with ``__``, e.g. ``LORALOOP_BACKENDS__MODE=remote``), then the YAML file given with
@@ -13,133 +14,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from deploy.config import CycleConfig, PromotionConfig
-from feedback.config import StoreConfig
+from core import paths
+from core.deploy_config import CycleConfig, PromotionConfig
+from core.errors import ConfigError
+from core.quantization import get_scheme
+from core.serving_config import AdapterConfig, AliasConfig, BackendsConfig
+from core.store_config import StoreConfig
 
 #: Secrets that ship in examples and must never guard a real deployment.
 DEFAULT_SECRETS = frozenset({"changeme", "change-me", "changethis", "secret", "password", "admin", "test", "key"})
 
 #: Model names that `init-model` knows how to build or fetch without a hub.
 PRESETS = ("tiny", "smollm2")
-
-
-class ConfigError(Exception):
-    """A settings problem, rendered as one line for the operator."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SamplingDefaults(_Strict):
-    """Default sampling parameters of an alias; a request's own values win."""
-
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    max_tokens: int | None = Field(None, ge=1, description="Completion length limit in tokens.")
-
-
-class FewShotExample(_Strict):
-    """One worked example put before the user's messages (chat) or prompt (completions)."""
-
-    user: str = Field(description="The example's user turn.")
-    assistant: str = Field(description="The answer the model should imitate.")
-
-
-class AliasConfig(_Strict):
-    """What a client-visible model name (alias) maps to."""
-
-    adapter: str | None = Field(
-        None, description="Name of a LoRA adapter from `adapters` that serves this alias; null = the base."
-    )
-    system_prompt: str | None = Field(
-        None, description="System message put first unless the request brings its own system message."
-    )
-    few_shot: list[FewShotExample] = Field(
-        default_factory=list, description="Examples inserted between the system prompt and the request."
-    )
-    defaults: SamplingDefaults = Field(
-        default_factory=lambda: SamplingDefaults(), description="Sampling defaults a request may override."
-    )
-    log_text: bool = Field(True, description="Store prompt and completion text in the event store (privacy switch).")
-
-
-class AdapterConfig(_Strict):
-    """A LoRA adapter loaded into every back-end at start-up (and whenever a back-end (re)joins)."""
-
-    path: Path = Field(description="Directory with adapter_config.json and adapter_model.safetensors.")
-
-
-class ManagedBackendConfig(_Strict):
-    """How `loraloop serve` starts its own vLLM server when `backends.mode` is `managed`."""
-
-    host: str = Field("127.0.0.1", description="Interface the child vLLM server binds to.")
-    port: int = Field(8100, ge=1, le=65535, description="Port of the child vLLM server.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="`auto` picks cuda when torch sees a GPU, else the CPU build's flags."
-    )
-    dtype: str | None = Field(None, description="vLLM --dtype; default float32 on CPU, auto on GPU.")
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0.0, le=1.0, description="vLLM --gpu-memory-utilization; default 0.3 on CPU, 0.9 on GPU."
-    )
-    max_model_len: int | None = Field(None, ge=16, description="vLLM --max-model-len (context length).")
-    max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters active in one batch.")
-    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.")
-    extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line arguments.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="How long to wait for vLLM's /health.")
-    restart_backoff_s: float = Field(2.0, ge=0, description="Pause before restarting a dead vLLM.")
-    stop_timeout_s: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
-
-
-class BackendsConfig(_Strict):
-    """The vLLM OpenAI servers behind the gateway."""
-
-    mode: Literal["managed", "remote"] = Field(
-        "managed", description="`managed`: start one local vLLM; `remote`: use the servers in `urls`."
-    )
-    urls: list[str] = Field(default_factory=list, description="Base URLs of remote vLLM servers.")
-    served_model_name: str = Field(
-        "base", description="Name vLLM serves the base model under (its --served-model-name)."
-    )
-    api_key: SecretStr | None = Field(None, description="Bearer key the vLLM servers expect, if any.")
-    health_interval_s: float = Field(5.0, gt=0, description="Seconds between health checks of a back-end.")
-    health_timeout_s: float = Field(3.0, gt=0, description="Timeout of one health check.")
-    unhealthy_after: int = Field(
-        3,
-        ge=1,
-        description="Health checks in a row that must time out before a back-end leaves the rotation (a "
-        "busy vLLM can miss one). An answer other than 200, or a failed connection (refused, reset), takes it "
-        "out at once.",
-    )
-    connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout for forwarded requests.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Read timeout for forwarded requests.")
-    keepalive_s: float = Field(
-        4.0,
-        gt=0,
-        description="How long an idle connection to vLLM is kept for reuse. Keep it below the vLLM servers' "
-        "own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default); a managed vLLM is started with "
-        "this plus 5 s.",
-    )
-    managed: ManagedBackendConfig = Field(
-        default_factory=lambda: ManagedBackendConfig(), description="The managed vLLM child process."
-    )
-
-    @field_validator("urls")
-    @classmethod
-    def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"back-end URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
-
-    @model_validator(mode="after")
-    def _remote_needs_urls(self) -> BackendsConfig:
-        if self.mode == "remote" and not self.urls:
-            raise ValueError("mode is 'remote' but no back-end urls are configured")
-        return self
 
 
 class Settings(BaseSettings):
@@ -158,9 +47,7 @@ class Settings(BaseSettings):
         description="Serve the base quantized with this scheme (see docs/quantization.md; fp8_dynamic runs on "
         "CPUs too). Prepared once with llm-compressor into model_cache_dir; null = unquantized.",
     )
-    model_cache_dir: Path = Field(
-        Path("~/.cache/loraloop/models"), description="Where presets are prepared (once) and cached."
-    )
+    model_cache_dir: Path = Field(paths.MODEL_CACHE_DIR, description="Where presets are prepared (once) and cached.")
     host: str = Field("127.0.0.1", description="Gateway bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Gateway port.")
     keepalive_s: int = Field(
@@ -189,18 +76,18 @@ class Settings(BaseSettings):
         default_factory=dict, description="LoRA adapters by name, loaded on every back-end."
     )
     adapter_root: Path = Field(
-        Path("./adapters"),
+        paths.ADAPTER_ROOT,
         description="Every adapter directory must lie under this root (relative adapter paths start here).",
     )
     max_lora_rank: int = Field(
         16, ge=1, description="Largest adapter rank accepted (and vLLM --max-lora-rank of a managed back-end)."
     )
     state_dir: Path = Field(
-        Path("./.loraloop/state"),
+        paths.GATEWAY_STATE_DIR,
         description="Where runtime changes (registered adapters, alias pointers) are kept across restarts.",
     )
     registry_path: Path = Field(
-        Path("./.loraloop/registry.duckdb"),
+        paths.REGISTRY_PATH,
         description="The adapter registry (versions, lineage, status, audit log) and its runs table beside it.",
     )
     promotion: PromotionConfig = Field(
@@ -238,8 +125,6 @@ class Settings(BaseSettings):
     def _known_scheme(cls, scheme: str | None) -> str | None:
         if scheme is None or scheme.lower() in ("", "none"):
             return None
-        from .quantize import get_scheme
-
         return get_scheme(scheme).name  # QuantizationRefused (a ValueError) names the known schemes
 
     @field_validator("api_key", "admin_key")
@@ -270,6 +155,16 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.model_cache_dir.expanduser()
+
+    @property
+    def runs_path(self) -> Path:
+        """The runs table, beside the registry."""
+        return paths.runs_path(self.registry_path)
+
+    @property
+    def admin_url(self) -> str:
+        """This machine's gateway, as the CLI and the controller reach it when no URL is configured."""
+        return f"http://{self.host}:{self.port}"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

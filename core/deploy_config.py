@@ -1,11 +1,13 @@
-"""Settings slices of the promotion controller and the nightly cycle (part of the one Settings object:
-`promotion:` and `cycle:` in the YAML file, `LORALOOP_PROMOTION__*` / `LORALOOP_CYCLE__*`)."""
+"""Settings slices of the promotion controller and the nightly cycle (`promotion:` and `cycle:` of the one
+Settings object, core/settings.py; `LORALOOP_PROMOTION__*` / `LORALOOP_CYCLE__*`; read by deploy/)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core import paths
 
 
 class CanaryGuardrails(BaseModel):
@@ -82,4 +84,4 @@ class CycleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     aliases: dict[str, AliasCycle] = Field(default_factory=dict, description="Aliases to retrain, by name.")
-    state_dir: Path = Field(Path("./.loraloop/cycle"), description="Lock file, watermarks and the last cycle's status.")
+    state_dir: Path = Field(paths.CYCLE_STATE_DIR, description="Lock file, watermarks and the last cycle's status.")

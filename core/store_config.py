@@ -1,4 +1,4 @@
-"""Settings of the event store (``settings.store`` in the main settings object)."""
+"""Settings of the event store (`store:` of the one Settings object, core/settings.py; read by feedback/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core import paths
+
 
 class StoreConfig(BaseModel):
     """Where and how request, feedback and control events are stored (see docs/event-store.md)."""
@@ -14,7 +16,7 @@ class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: Path = Field(
-        default=Path("./.loraloop/events"),
+        default=paths.EVENTS_ROOT,
         description="Store root. Every writer (gateway replica) owns `<root>/<writer_id>/`; readers glob "
         "`<root>/*/`. Put it on a local or shared POSIX file system that every process can reach.",
     )

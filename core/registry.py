@@ -31,6 +31,9 @@ from typing import Any, Literal
 import duckdb
 from pydantic import BaseModel, Field
 
+from core import paths
+from core.errors import UsageError
+
 Status = Literal["candidate", "rejected", "canary", "champion", "retired"]
 STATUSES: tuple[str, ...] = ("candidate", "rejected", "canary", "champion", "retired")
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -58,16 +61,16 @@ CREATE TABLE IF NOT EXISTS adapter_audit (
 """
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError, ValueError):
     """An unknown version or a refused transition."""
 
 
 class RegistryConfig(BaseModel):
     """Where the registry lives."""
 
-    path: Path = Field(Path("./.loraloop/registry.duckdb"), description="The registry's DuckDB file.")
+    path: Path = Field(paths.REGISTRY_PATH, description="The registry's DuckDB file.")
     adapter_root: Path = Field(
-        Path("./adapters"),
+        paths.ADAPTER_ROOT,
         description="Adapter root (the gateway's `adapter_root`); versions live in `<root>/<version>`.",
     )
 

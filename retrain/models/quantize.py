@@ -2,9 +2,9 @@
 
 ``quantize(src, dst, scheme)`` runs llm-compressor's ``oneshot`` on a local Hugging Face model directory
 and writes a compressed-tensors checkpoint that vLLM loads directly (``--model dst``), with the source's
-tokenizer files and chat template copied verbatim. ``SCHEMES`` says, for every scheme offered, where the
-result can be served and whether it keeps adapters trained on the unquantized base working; see
-docs/quantization.md for the measurements behind it.
+tokenizer files and chat template copied verbatim. ``core.quantization.SCHEMES`` says, for every scheme
+offered, where the result can be served and whether it keeps adapters trained on the unquantized base
+working; see docs/quantization.md for the measurements behind it. ``RECIPES`` here is how each is made.
 
 Adapter policy: schemes that rescale activations (SmoothQuant, AWQ) fold per-channel scales into the base
 weights, so a LoRA trained on the unquantized base no longer matches the layers it patches (agreement fell
@@ -22,7 +22,6 @@ generated deterministically here and tokenized with the source tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -35,21 +34,24 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .model_prep import swap_into_place
+from core.errors import LoraloopError
+from core.quantization import (
+    PROVENANCE,
+    SCHEMES,
+    QuantizationRefused,
+    SchemeInfo,
+    check_adapter_compatibility,
+    get_scheme,
+    read_scheme,
+)
+
+from .prepare import swap_into_place
 
 log = logging.getLogger(__name__)
 
-#: Where the scheme can be served (vLLM 0.32; the CPU column was measured on an AVX2 machine).
-CPU_AND_GPU = "cpu+gpu"
-GPU_ONLY = "gpu only"
-CPU_BROKEN_WITH_LORA = "cpu: broken with LoRA"
-
-#: Written into every quantized directory: which scheme made it, from what, with which tools.
-PROVENANCE = "loraloop-quantization.json"
 #: Pinned versions of the quantizer and of the compressed-tensors release it requires.
 LLMCOMPRESSOR_REQUIREMENT = "llmcompressor==0.14.0.1"
 COMPRESSED_TENSORS_REQUIREMENT = "compressed-tensors==0.19.0"
@@ -69,11 +71,7 @@ _TOKENIZER_FILES = (
 _EXTRA_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
 
 
-class QuantizationRefused(ValueError):
-    """A request that is refused before any work is done; the message is one line for the operator."""
-
-
-class QuantizationFailed(RuntimeError):
+class QuantizationFailed(LoraloopError, RuntimeError):
     """llm-compressor is missing or failed; the message is one line (details in the worker log)."""
 
 
@@ -144,183 +142,31 @@ def _smoothquant(preset: str, strength: float = 0.8) -> RecipeBuilder:
     return build
 
 
-@dataclass(frozen=True)
-class SchemeInfo:
-    """One quantization scheme offered by ``loraloop quantize``."""
-
-    name: str
-    #: compressed-tensors preset (weights/activations layout) the recipe applies.
-    preset: str
-    summary: str
-    #: Builds the llm-compressor recipe (a list of modifiers); imports llm-compressor, so call it only
-    #: where llm-compressor is importable (the worker process).
-    build_recipe: RecipeBuilder
-    #: CPU_AND_GPU, GPU_ONLY or CPU_BROKEN_WITH_LORA.
-    runs: str
-    needs_calibration: bool
-    #: True when the recipe folds activation scales into the weights (adapters trained on the
-    #: unquantized base stop matching).
-    rescales_activations: bool
-    #: vLLM --dtype that serves it on CPU (None where it does not serve on CPU with LoRA).
-    cpu_dtype: str | None = None
-    #: The preset's weight group size (grouped presets only); halved down to 32 for models whose layer
-    #: widths it does not divide (SmolLM2-135M's 576, say).
-    group_size: int | None = None
-
-    @property
-    def serves_on_cpu_with_lora(self) -> bool:
-        return self.runs == CPU_AND_GPU
-
-    @property
-    def keeps_adapters(self) -> bool:
-        return not self.rescales_activations
-
-
-SCHEMES: dict[str, SchemeInfo] = {
-    s.name: s
-    for s in (
-        SchemeInfo(
-            "fp8_dynamic",
-            "FP8_DYNAMIC",
-            "fp8 weights (per channel), fp8 activations (per token, dynamic)",
-            _plain("FP8_DYNAMIC"),
-            CPU_AND_GPU,
-            needs_calibration=False,
-            rescales_activations=False,
-            cpu_dtype="float32",
-        ),
-        SchemeInfo(
-            "w4a8",
-            "W4A8",
-            "int4 weights (GPTQ, groups of <=128), int8 activations (per token, dynamic)",
-            _gptq("W4A8"),
-            CPU_AND_GPU,
-            needs_calibration=True,
-            rescales_activations=False,
-            cpu_dtype="float32",
-            group_size=128,
-        ),
-        SchemeInfo(
-            "w4a16",
-            "W4A16",
-            "int4 weights (GPTQ, groups of <=128), 16-bit activations",
-            _gptq("W4A16"),
-            GPU_ONLY,
-            needs_calibration=True,
-            rescales_activations=False,
-            group_size=128,
-        ),
-        SchemeInfo(
-            "w4a16_awq",
-            "W4A16_ASYM",
-            "int4 asymmetric weights (AWQ, groups of <=128), 16-bit activations",
-            _awq("W4A16_ASYM"),
-            GPU_ONLY,
-            needs_calibration=True,
-            rescales_activations=True,
-            group_size=128,
-        ),
-        SchemeInfo(
-            "w8a8_int8",
-            "W8A8",
-            "int8 weights (GPTQ, per channel), int8 activations (per token, dynamic)",
-            _gptq("W8A8"),
-            CPU_BROKEN_WITH_LORA,
-            needs_calibration=True,
-            rescales_activations=False,
-        ),
-        SchemeInfo(
-            "w8a16",
-            "W8A16",
-            "int8 weights (GPTQ, per channel), 16-bit activations",
-            _gptq("W8A16"),
-            GPU_ONLY,
-            needs_calibration=True,
-            rescales_activations=False,
-        ),
-        SchemeInfo(
-            "fp8_static",
-            "FP8",
-            "fp8 weights (per tensor), fp8 activations (per tensor, static scales)",
-            _plain("FP8"),
-            GPU_ONLY,
-            needs_calibration=True,
-            rescales_activations=False,
-        ),
-        SchemeInfo(
-            "fp8_block",
-            "FP8_BLOCK",
-            "fp8 weights (128x128 blocks), fp8 activations (dynamic, groups)",
-            _plain("FP8_BLOCK"),
-            GPU_ONLY,
-            needs_calibration=False,
-            rescales_activations=False,
-        ),
-        SchemeInfo(
-            "w8a8_smoothquant",
-            "W8A8",
-            "SmoothQuant (strength 0.8) then int8 W8A8 with GPTQ",
-            _smoothquant("W8A8"),
-            CPU_BROKEN_WITH_LORA,
-            needs_calibration=True,
-            rescales_activations=True,
-        ),
-    )
+#: The llm-compressor recipe of each scheme in core.quantization.SCHEMES (a test checks both name the same).
+RECIPES: dict[str, RecipeBuilder] = {
+    "fp8_dynamic": _plain("FP8_DYNAMIC"),
+    "w4a8": _gptq("W4A8"),
+    "w4a16": _gptq("W4A16"),
+    "w4a16_awq": _awq("W4A16_ASYM"),
+    "w8a8_int8": _gptq("W8A8"),
+    "w8a16": _gptq("W8A16"),
+    "fp8_static": _plain("FP8"),
+    "fp8_block": _plain("FP8_BLOCK"),
+    "w8a8_smoothquant": _smoothquant("W8A8"),
 }
-
-
-def get_scheme(scheme: str) -> SchemeInfo:
-    """The scheme named ``scheme`` (case-insensitive, ``-`` or ``_``); QuantizationRefused if unknown."""
-    key = str(scheme).strip().lower().replace("-", "_")
-    if key not in SCHEMES:
-        raise QuantizationRefused(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-    return SCHEMES[key]
-
-
-def check_adapter_compatibility(scheme: str | None, adapters_configured: bool, *, device: str | None = None
-                                ) -> None:  # fmt: skip
-    """Refuse (QuantizationRefused) to serve adapters on a base quantized with ``scheme``, when that breaks
-    them: an activation-rescaling scheme with adapters configured, or, with ``device="cpu"``, a scheme that
-    vLLM cannot serve on CPU (with LoRA). ``scheme=None`` means an unquantized base: always fine."""
-    if scheme is None:
-        return
-    info = get_scheme(scheme)
-    if adapters_configured and info.rescales_activations:
-        raise QuantizationRefused(
-            f"scheme {info.name!r} rescales activations, so LoRA adapters trained on the unquantized base "
-            f"no longer fit it; use fp8_dynamic or w4a8, or retrain the adapters on the quantized base"
-        )
-    if device == "cpu" and info.runs == GPU_ONLY:
-        raise QuantizationRefused(f"scheme {info.name!r} has no CPU kernels in vLLM; serve it on a GPU")
-    if device == "cpu" and adapters_configured and info.runs == CPU_BROKEN_WITH_LORA:
-        raise QuantizationRefused(
-            f"scheme {info.name!r} crashes vLLM's CPU back-end when LoRA is enabled; use fp8_dynamic or w4a8"
-        )
 
 
 def prepare_quantized(model_path: str, scheme: str, cache_dir: Path, *, adapters_configured: bool) -> str:
     """The served base quantized with ``scheme`` (settings `quantization`): made once with
     :func:`quantize` into ``cache_dir/<model>-<scheme>`` and reused; refused when it would break adapters
     or cannot run on this machine's vLLM."""
-    from .managed import detect_device
+    from serving.managed import detect_device
 
     check_adapter_compatibility(scheme, adapters_configured, device=detect_device("auto"))
     dst = Path(cache_dir).expanduser() / f"{Path(model_path).name}-{get_scheme(scheme).name}"
     if read_scheme(dst) != get_scheme(scheme).name:
         quantize(Path(model_path), dst, scheme, overwrite=dst.exists())
     return str(dst)
-
-
-def read_scheme(model_dir: Path) -> str | None:
-    """The scheme a directory was quantized with by ``quantize`` (None: not made by ``quantize``)."""
-    path = Path(model_dir) / PROVENANCE
-    if not path.is_file():
-        return None
-    try:
-        scheme = json.loads(path.read_text()).get("scheme")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return scheme if isinstance(scheme, str) else None
 
 
 # ------------------------------------------------------------------------------- calibration text
@@ -494,7 +340,7 @@ def quantize(src: Path, dst: Path, scheme: str, *, calibration_samples: int = 64
 
     started = time.monotonic()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]
     with _staging(dst, overwrite) as tmp, tempfile.TemporaryDirectory(prefix=".quantize-work-",
                                                                       dir=dst.parent) as work:  # fmt: skip
         result_file = Path(work) / "result.json"
@@ -508,7 +354,7 @@ def quantize(src: Path, dst: Path, scheme: str, *, calibration_samples: int = 64
                    TOKENIZERS_PARALLELISM="false")  # fmt: skip
         log_path = Path(work) / "quantize.log"
         with log_path.open("w") as log_fh:
-            proc = subprocess.run([sys.executable, "-m", "serving.quantize", "--worker", json.dumps(spec)],
+            proc = subprocess.run([sys.executable, "-m", __name__, "--worker", json.dumps(spec)],
                                   cwd=work, env=env, stdout=log_fh, stderr=subprocess.STDOUT, check=False)  # fmt: skip
         if proc.returncode != 0 or not result_file.is_file():
             output = log_path.read_text(errors="replace")
@@ -524,7 +370,7 @@ def quantize(src: Path, dst: Path, scheme: str, *, calibration_samples: int = 64
             "scheme": info.name, "preset": info.preset, "source": str(src), "runs": info.runs,
             "rescales_activations": info.rescales_activations,
             "calibration_samples": calibration_samples if info.needs_calibration else 0,
-            "calibration_data": "serving.quantize.calibration_texts" if info.needs_calibration else None,
+            "calibration_data": f"{__name__}.calibration_texts" if info.needs_calibration else None,
             "seed": seed, "cpu_dtype": info.cpu_dtype, **result,
         }  # fmt: skip
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
@@ -587,66 +433,14 @@ def _worker(spec: dict[str, Any]) -> None:
     group_size = fit_group_size(_quantized_widths(model), info.group_size)
     # None keeps the preset untouched (its own group size, or no groups at all)
     override = group_size if group_size != info.group_size else None
-    oneshot(model=model, recipe=info.build_recipe(override), **kwargs)
+    oneshot(model=model, recipe=RECIPES[info.name](override), **kwargs)
     model.save_pretrained(spec["out"], save_compressed=True)
     result = {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
               "group_size": group_size}  # fmt: skip
     Path(spec["result"]).write_text(json.dumps(result))
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _describe_schemes() -> str:
-    rows = [f"  {s.name:<17} {s.runs:<22} {'calibrated' if s.needs_calibration else 'data-free':<11}"
-            f"{'BREAKS ADAPTERS' if s.rescales_activations else ''}".rstrip() for s in SCHEMES.values()]  # fmt: skip
-    return "schemes (where vLLM serves them, calibration, adapter safety):\n" + "\n".join(rows)
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    try:
-        dst = quantize(Path(args.src), Path(args.dst), args.scheme, calibration_samples=args.samples,
-                       seed=args.seed, allow_adapter_breaking=args.force, overwrite=args.overwrite)  # fmt: skip
-    except QuantizationRefused as exc:
-        print(f"loraloop: error: {exc}", file=sys.stderr)
-        return 2
-    except QuantizationFailed as exc:
-        print(f"loraloop: error: {exc}", file=sys.stderr)
-        return 1
-    info = SCHEMES[read_scheme(dst) or get_scheme(args.scheme).name]
-    hint = f"serve on CPU with --dtype {info.cpu_dtype}" if info.cpu_dtype else f"serve it where it runs: {info.runs}"
-    print(f"quantized {args.src} with {info.name} into {dst} ({hint})")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``loraloop quantize SRC DST --scheme S [--samples N] [--seed N] [--force] [--overwrite]``."""
-    p = subparsers.add_parser(
-        "quantize", help="quantize a base model with llm-compressor (compressed-tensors, for vLLM)",
-        description="Quantize a local Hugging Face model directory for vLLM; see docs/quantization.md.",
-        epilog=_describe_schemes(), formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("src", help="unquantized model directory (config.json + safetensors)")
-    p.add_argument("dst", help="output directory (written atomically)")
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(SCHEMES)}")
-    p.add_argument("--samples", type=int, default=64, help="calibration samples (calibrated schemes only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration text")
-    p.add_argument("--force", action="store_true",
-                   help="allow schemes that rescale activations (breaks adapters trained on the base)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    p.set_defaults(func=cmd_quantize)
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--worker":
-        _worker(json.loads(argv[1]))
-        return 0
-    parser = argparse.ArgumentParser(prog="python -m serving.quantize")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["quantize", *argv])
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+if __name__ == "__main__":  # the worker process (see quantize): python -m retrain.models.quantize --worker SPEC
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        sys.exit("usage: python -m retrain.models.quantize --worker SPEC (use `loraloop quantize`)")
+    _worker(json.loads(sys.argv[2]))

@@ -1,6 +1,7 @@
 """Registry and cycle figures on the gateway's /metrics: champion version per alias, canary status,
-promotions, rollbacks, the last successful cycle. Read on each scrape (short reads under the
-registry's file lock), so every gateway replica shows the same truth."""
+promotions, rollbacks, the last successful cycle. Read on each scrape through the shared layer (the
+registry file under its lock, the cycle's status file), so every gateway replica shows the same truth
+without importing the controller that writes them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .cycle import read_status
-from .registry import Registry, RegistryConfig
+from core.cycle_status import last_actions, read_status
+from core.registry import Registry, RegistryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,6 @@ class RegistryCollector(Collector):
         status = read_status(self.cycle_state_dir)
         if status.get("last_success_ts"):
             cycle.add_metric([], float(status["last_success_ts"]))
-        for alias, actions in (status.get("actions") or {}).items():
-            paused.add_metric([alias], float(any(str(a).startswith("pause:") for a in actions)))
+        for alias, actions in last_actions(status).items():
+            paused.add_metric([alias], float(any(a.kind == "pause" for a in actions)))
         yield from (champion, canary, promotions, rollbacks, cycle, paused)

@@ -1,8 +1,9 @@
 """Render docs/configuration.md from the settings classes, so the docs cannot drift from the code
-(`python -m serving.config_docs > docs/configuration.md`; a test checks the file is current)."""
+(`python -m core.config_docs > docs/configuration.md`; a test checks the file is current)."""
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
-    return text.replace("NoneType", "None").replace("serving.settings.", "")
+    return re.sub(r"\bcore\.\w+\.", "", text.replace("NoneType", "None"))
 
 
 def _default(field: Any) -> str:
@@ -69,7 +70,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `serving/settings.py` by `python -m serving.config_docs`; do not edit by hand.",
+        "Generated from `core/settings.py` by `python -m core.config_docs`; do not edit by hand.",
         "Sources, highest priority first: keyword overrides (CLI flags), `LORALOOP_*` environment variables",
         "(nested keys joined with `__`), the YAML file given with `--config`. Errors are reported as one line",
         "naming the field. Maps (`aliases`, `adapters`) are set in YAML, or in the environment as JSON.",

@@ -18,7 +18,7 @@ Design — every figure comes with the noise of its own run:
 
 The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a small
 machine) with one keep-alive session per arm, as a real client would hold.
-Run: `python bench/serving.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--relay] [--engine emulated]`.
+Run: `python bench/serving_load.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--relay] [--engine emulated]`.
 
 On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
 CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
@@ -147,9 +147,9 @@ async def compare(urls: dict[str, tuple[str, str]], args: argparse.Namespace) ->
 @contextlib.contextmanager
 def pinned_vllm(model: str, cache: Path, log: Path) -> Iterator[str]:
     """vLLM started here (not by the gateway) with all its processes on CPU 0; yields its URL."""
+    from core.serving_config import ManagedBackendConfig
+    from retrain.models.prepare import prepare_model
     from serving.managed import vllm_command, vllm_env
-    from serving.model_prep import prepare_model
-    from serving.settings import ManagedBackendConfig
 
     cfg = ManagedBackendConfig(port=free_port(), max_model_len=1024)
     env = {**vllm_env(cfg, "cpu"), "VLLM_CPU_OMP_THREADS_BIND": "0"}
@@ -208,7 +208,7 @@ def main() -> None:
         settings = {"model": args.model, "model_cache_dir": str(cache), "aliases": {"bench": {}},
                     "store": {"enabled": not args.no_logging, "root": str(Path(tmp) / "events")}}  # fmt: skip
         if args.engine == "emulated":
-            from serving.model_prep import build_tiny  # the gateway needs a model directory; nothing loads it
+            from retrain.models.prepare import build_tiny
 
             direct = stack.enter_context(emulated_engine(args.step_ms, args.pin))
             settings["model"] = str(build_tiny(Path(tmp) / "tiny"))
