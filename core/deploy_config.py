@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from core import paths
 
@@ -74,8 +74,14 @@ class AliasCycle(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     recipe: Path = Field(description="Training recipe (YAML) for this alias.")
-    min_new_feedback: int = Field(
-        50, ge=1, description="Feedback events since the last run's watermark needed to retrain."
+    min_new_rows: int = Field(
+        50,
+        ge=1,
+        validation_alias=AliasChoices("min_new_rows", "min_new_feedback"),
+        description="Training rows needed to retrain: SFT rows plus preference pairs of this alias that the export "
+        "would give since the watermark (the last run's, or the current champion's promotion if later), before "
+        "cleaning. The recipe's `data.prepare.min_rows` counts the same rows after cleaning and splitting, so set "
+        "this to at least min_rows / the train share. (`min_new_feedback`, its former name, is still read.)",
     )
 
 

@@ -22,6 +22,8 @@ class ExitCode(IntEnum):
     USAGE = 2
     #: `loraloop retrain`: the candidate failed its gate; nothing was registered.
     GATE_REJECTED = 3
+    #: `loraloop retrain`: too little new training data (a quiet night); nothing trained, the watermark stays.
+    NOT_ENOUGH_DATA = 4
     #: `loraloop cycle`: something was done (promotion, rollback, timeout, ramp, new canary).
     ACTED = 10
     #: `loraloop cycle`: another cycle holds the lock (EX_TEMPFAIL: try again later).
@@ -48,7 +50,12 @@ class UsageError(LoraloopError):
 
 
 class ConfigError(UsageError):
-    """A settings problem, rendered as one line for the operator."""
+    """A settings problem, rendered as one line for the operator; ``problems`` holds each one on its own
+    (`loraloop config check` prints them a line each)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class CommandError(UsageError):

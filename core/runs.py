@@ -25,8 +25,9 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 _JSON = ("recipe", "row_counts", "hyperparams", "epochs", "search", "eval", "gate")
-#: Outcomes: running, registered (gate passed), rejected (gate failed), failed, interrupted.
-OUTCOMES = ("running", "registered", "rejected", "failed", "interrupted")
+#: Outcomes: running, registered (gate passed), rejected (gate failed), skipped (not enough data: nothing
+#: trained), failed, interrupted.
+OUTCOMES = ("running", "registered", "rejected", "skipped", "failed", "interrupted")
 
 
 class RunRecords:

@@ -178,16 +178,21 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc), problems=validation_problems(exc)) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:  # YAML syntax errors, unreadable files
         raise ConfigError(f"cannot read settings: {exc}".replace("\n", " ")) from None
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `field.path: message`, joined with '; '."""
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per problem: `field.path: message`."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
-    return "invalid settings: " + "; ".join(parts)
+    return parts
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Every problem on one line, joined with '; '."""
+    return "invalid settings: " + "; ".join(validation_problems(exc))

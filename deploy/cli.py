@@ -17,7 +17,8 @@ from core.settings import Settings, load_settings
 logger = logging.getLogger("loraloop")
 
 #: Modules that contribute subcommands via `register(subparsers)`, in the loop's order.
-_PLUGINS = ("feedback.cli", "retrain.cli", "deploy.commands", "deploy.demo")
+_PLUGINS = ("feedback.cli", "retrain.cli", "deploy.commands", "deploy.demo", "deploy.config_cmd")
+CONFIG_HELP = "YAML settings file (LORALOOP_* environment variables override it)"
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -55,11 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraloop", description="Keep fine-tuned LLMs improving in production.")
-    parser.add_argument("--config", help="YAML settings file (LORALOOP_* environment variables override it)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible gateway (and a managed vLLM)")
-    p.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--model", help="base model: tiny, smollm2, a local directory or a hub id")
@@ -67,10 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in _PLUGINS:
         importlib.import_module(name).register(sub)
-    for command in sub.choices.values():  # `loraloop COMMAND --config FILE` works as well as before COMMAND
-        if "--config" not in command._option_string_actions:
-            command.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
+    _add_global_options(parser)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` is accepted, and listed in the help, at every level: `loraloop --config F events status`
+    and `loraloop events status --config F` are the same command. SUPPRESS: a subcommand that is not given
+    the option keeps the value given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if "--config" not in command._option_string_actions:
+                    command.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+                _add_global_options(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

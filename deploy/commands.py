@@ -57,6 +57,9 @@ def cmd_canary(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    if not args.settings.registry_path.exists():  # a read creates nothing
+        print(f"no registry at {args.settings.registry_path} yet (the first retrain run creates it)")
+        return ExitCode.OK
     registry = _registry(args.settings)
     if args.action == "list":
         for v in registry.list(alias=args.alias):

@@ -27,9 +27,9 @@ from typing import Any
 
 import httpx
 import yaml
-from tqdm import tqdm
 
 from core import paths
+from core.progress import progress, progress_iter
 from core.registry import Registry, RegistryConfig
 from core.settings import Settings
 from deploy.admin_client import GatewayFleet
@@ -121,9 +121,10 @@ def _settings(cfg: DemoConfig, model_path: str, workdir: Path) -> Settings:
         adapter_root=workdir / "adapters", state_dir=workdir / "state", registry_path=workdir / "registry.duckdb",
         replica_id="demo", backends=backends,
         aliases={cfg.alias: {"defaults": {"temperature": 0.0, "max_tokens": 6}}},
-        store={"root": str(workdir / "events"), "flush_interval_s": 0.05},
+        # export_lag_s 0: a simulated day's traffic is complete (and flushed) when its cycle runs
+        store={"root": str(workdir / "events"), "flush_interval_s": 0.05, "export_lag_s": 0},
         cycle={"state_dir": str(workdir / "cycle"),
-               "aliases": {cfg.alias: {"recipe": str(_recipe(cfg, model_path, workdir)), "min_new_feedback": 20}}},
+               "aliases": {cfg.alias: {"recipe": str(_recipe(cfg, model_path, workdir)), "min_new_rows": 20}}},
         promotion={"gateway_urls": [f"http://127.0.0.1:{port}"], "ramp": [0.5], "min_samples": 40,
                    "step_min_requests": 20, "certainty": 0.95, "max_duration_h": 24.0 * cfg.rounds - 1},
     )  # fmt: skip
@@ -163,7 +164,7 @@ class Users:
                 self.client.post("/v1/feedback", json=correction).raise_for_status()
             hits.setdefault(headers.get("x-loraloop-arm", "-"), []).append(int(good))
 
-        with ThreadPoolExecutor(self.cfg.concurrency) as pool, tqdm(total=n, desc=desc, unit="req") as bar:
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool, progress(n, desc, "req") as bar:
             for fut in [pool.submit(one, j, r) for j, r in zip(jobs, rolls, strict=True)]:
                 fut.result()
                 bar.update()
@@ -174,8 +175,8 @@ class Users:
         rng = random.Random(self.cfg.seed + 1)
         items = [review(rng, _HOLDOUT_THINGS) for _ in range(self.cfg.holdout)]
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            answers = list(tqdm(pool.map(lambda it: self.ask("holdout-eval", it[0])[1], items), total=len(items),
-                                desc=desc, unit="req"))  # fmt: skip
+            asked = pool.map(lambda it: self.ask("holdout-eval", it[0])[1], items)
+            answers = list(progress_iter(asked, len(items), desc, "req"))
         return statistics.mean(int(a.strip() == label) for a, (_, label) in zip(answers, items, strict=True))
 
 
@@ -206,7 +207,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     print(f"[1/6] preparing the {cfg.preset} base model ...", flush=True)
-    model_path = prepare_model(cfg.preset, Path("~/.cache/loraloop/models").expanduser())
+    model_path = prepare_model(cfg.preset, paths.MODEL_CACHE_DIR.expanduser())
     settings = _settings(cfg, model_path, workdir)
     print(f"[2/6] starting vLLM and the gateway on {settings.port} (about a minute) ...", flush=True)
     gateway = start_local_gateway(settings, model_path if settings.backends.mode == "managed" else None)

@@ -70,10 +70,11 @@ _SFT = f"""
 SELECT md5('sft' || chr(0) || feedback_id) AS row_id, 'rated_good' AS origin, messages, prompt,
        completion, request_id, feedback_id, {_SLICE}, labels, metadata, available_at
 FROM _x_rated WHERE good = 1.0 AND available_at > $since AND available_at <= $until
+  AND ($alias::VARCHAR IS NULL OR alias = $alias)
 UNION ALL
 SELECT md5('sft' || chr(0) || feedback_id), 'correction', messages, prompt, correction, request_id,
        feedback_id, {_SLICE}, [], metadata, available_at
-FROM _x_corr WHERE available_at > $since AND available_at <= $until
+FROM _x_corr WHERE available_at > $since AND available_at <= $until AND ($alias::VARCHAR IS NULL OR alias = $alias)
 ORDER BY available_at, row_id
 """
 
@@ -83,6 +84,7 @@ SELECT md5('pair' || chr(0) || feedback_id) AS row_id, 'correction' AS origin, m
        request_id AS rejected_request_id, {_SLICE}, metadata, available_at
 FROM _x_corr
 WHERE original IS NOT NULL AND original <> correction AND available_at > $since AND available_at <= $until
+  AND ($alias::VARCHAR IS NULL OR alias = $alias)
 UNION ALL
 SELECT md5('pair' || chr(0) || g.request_id || chr(0) || b.request_id), 'rating', g.messages, g.prompt,
        g.completion, b.completion, g.request_id, b.request_id, g.alias, g.adapter, g.arm, g.experiment_id,
@@ -90,6 +92,7 @@ SELECT md5('pair' || chr(0) || g.request_id || chr(0) || b.request_id), 'rating'
 FROM _x_rated g JOIN _x_rated b ON g.prompt_key = b.prompt_key AND g.good = 1.0 AND b.good = 0.0
 WHERE g.completion <> b.completion
   AND greatest(g.available_at, b.available_at) > $since AND greatest(g.available_at, b.available_at) <= $until
+  AND ($alias::VARCHAR IS NULL OR g.alias = $alias)
 ORDER BY available_at, row_id
 """
 
@@ -118,6 +121,38 @@ def parse_watermark(value: str | None) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
+def _select_rows(con: Any, since: datetime | None, until: datetime, good: float, bad: float,
+                 alias: str | None) -> dict[str, int]:  # fmt: skip
+    """Fill the temp tables ``_x_sft`` and ``_x_pairs`` with the rows of the window; their counts."""
+    con.execute(_RATED, {"good": float(good), "bad": float(bad)})
+    con.execute(_CORRECTIONS)
+    window = {"since": since or datetime(1970, 1, 1, tzinfo=UTC), "until": until, "alias": alias}
+    counts: dict[str, int] = {}
+    for name, sql in (("sft", _SFT), ("pairs", _PAIRS)):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _x_{name} AS {sql}", window)
+        row = con.execute(f"SELECT count(*) FROM _x_{name}").fetchone()
+        counts[name] = int(row[0]) if row else 0
+    return counts
+
+
+def count_training_rows(
+    root: Path | str,
+    *,
+    since: datetime | None = None,
+    lag_s: float = 30.0,
+    good_score: float = 4.0,
+    bad_score: float = 2.0,
+    alias: str | None = None,
+) -> dict[str, int]:
+    """How many ``sft`` rows and ``pairs`` an export with the same arguments would write now (nothing is
+    written): the nightly cycle's measure of new training data, in the unit of the recipe's ``min_rows``."""
+    con = StoreReader(root).connect()
+    try:
+        return _select_rows(con, since, datetime.now(UTC) - timedelta(seconds=lag_s), good_score, bad_score, alias)
+    finally:
+        con.close()
+
+
 def export_training_data(
     root: Path | str,
     out_dir: Path | str,
@@ -127,10 +162,12 @@ def export_training_data(
     lag_s: float = 30.0,
     good_score: float = 4.0,
     bad_score: float = 2.0,
+    alias: str | None = None,
     formats: tuple[str, ...] = ("parquet", "jsonl"),
     as_datasets: bool = True,
 ) -> ExportResult:
-    """Write ``sft`` and ``pairs`` (Parquet and JSONL) to ``out_dir`` with a ``manifest.json``.
+    """Write ``sft`` and ``pairs`` (Parquet and JSONL) to ``out_dir`` with a ``manifest.json``; only the
+    rows of requests to ``alias`` when it is given.
 
     ``datasets`` holds ``datasets.Dataset`` objects when the package is importable (and
     ``as_datasets``). See the module docs for the row definitions and the watermark.
@@ -138,20 +175,12 @@ def export_training_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     until = until or datetime.now(UTC) - timedelta(seconds=lag_s)
-    start = since or datetime(1970, 1, 1, tzinfo=UTC)
     con = StoreReader(root).connect()
     try:
-        params = {"good": float(good_score), "bad": float(bad_score)}
-        con.execute(_RATED, params)
-        con.execute(_CORRECTIONS)
-        window = {"since": start, "until": until}
-        counts: dict[str, int] = {}
+        counts = _select_rows(con, since, until, good_score, bad_score, alias)
         files: dict[str, Path] = {}
         tables: dict[str, Any] = {}
-        for name, sql in (("sft", _SFT), ("pairs", _PAIRS)):
-            con.execute(f"CREATE OR REPLACE TEMP TABLE _x_{name} AS {sql}", window)
-            row = con.execute(f"SELECT count(*) FROM _x_{name}").fetchone()
-            counts[name] = int(row[0]) if row else 0
+        for name in ("sft", "pairs"):
             for fmt in formats:
                 path = out / f"{name}.{fmt}"
                 option = "FORMAT parquet, COMPRESSION zstd" if fmt == "parquet" else "FORMAT json"
@@ -164,6 +193,7 @@ def export_training_data(
     manifest = {
         "since": since.isoformat() if since else None,
         "watermark": until.isoformat(),
+        "alias": alias,
         "counts": counts,
         "files": {k: p.name for k, p in files.items()},
         "good_score": good_score,

@@ -51,13 +51,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         result = run_recipe(
             args.recipe, alias=args.alias, since=args.since, resume=args.resume,
             store_root=Path(args.store) if args.store else settings.store.root,
-            registry=registry, max_lora_rank=settings.max_lora_rank, actor=args.actor, overrides=overrides,
+            export_lag_s=settings.store.export_lag_s, registry=registry, max_lora_rank=settings.max_lora_rank,
+            actor=args.actor, overrides=overrides,
         )  # fmt: skip
     except (RunFailed, RecipeError, FileNotFoundError) as exc:
         raise CommandError(f"retrain failed: {exc}") from exc
     if result.outcome == "registered":
         print(f"run {result.run_id}: registered {result.version} as candidate ({result.adapter_dir})")
         return ExitCode.OK
+    if result.outcome == "skipped":
+        print(f"run {result.run_id}: skipped, nothing trained: {result.reason}")
+        return ExitCode.NOT_ENOUGH_DATA
     print(f"run {result.run_id}: gate failed; candidate kept in {result.adapter_dir}, nothing registered")
     return ExitCode.GATE_REJECTED
 
@@ -95,7 +99,6 @@ def _describe_schemes() -> str:
 
 def _register_retrain(subparsers: Any) -> None:
     p = subparsers.add_parser("retrain", help="train, gate and register a new adapter version for an alias")
-    p.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="YAML settings file")
     p.add_argument("--alias", required=True, help="alias to retrain (e.g. support)")
     p.add_argument("--recipe", help="recipe YAML (see recipes/)")
     p.add_argument("--since", help="data watermark: an ISO time or a previous export's manifest.json")

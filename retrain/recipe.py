@@ -175,7 +175,12 @@ class DataSection(_Strict):
     )
     good_score: float = Field(4.0, description="Scores >= this count as good answers.")
     bad_score: float = Field(2.0, description="Scores <= this count as bad answers.")
-    lag_s: float = Field(0.0, ge=0, description="The export stops this many seconds before now.")
+    lag_s: float | None = Field(
+        None,
+        ge=0,
+        description="The export stops this many seconds before now (events still in flight are left for the next "
+        "run); None = the settings' `store.export_lag_s`, which the cycle and `loraloop retrain` pass.",
+    )
     prepare: DataConfig = Field(
         default_factory=lambda: DataConfig(),
         description="Data preparation: cleaning, PII, dedupe, splits, balance, augmentation "

@@ -4,7 +4,8 @@
 
 Everything happens in the run's own directory until the gate passes; only then is the adapter copied under
 the adapter root and registered as a candidate. A failed or interrupted run leaves the registry and the
-adapter root untouched, and every run, whatever its outcome, is recorded in the runs table."""
+adapter root untouched, and every run, whatever its outcome, is recorded in the runs table. Too little new
+data (``NotEnoughData``) is a quiet night, not a failure: the run ends as ``skipped`` and trains nothing."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from core import paths
 from core.errors import LoraloopError
 from core.registry import AdapterVersion, Registry, RegistryConfig
 from core.runs import RunRecords
+from core.store_config import StoreConfig
 from retrain.curves import epoch_metrics, plot_curve
-from retrain.data import PreparedData, prepare
+from retrain.data import NotEnoughData, PreparedData, prepare
 from retrain.evaluate import GateResult, evaluate
 from retrain.modelcard import write_model_card
 from retrain.recipe import Recipe, base_revision, load_recipe
@@ -48,6 +50,8 @@ class RunResult:
     run_id: str
     outcome: str
     run_dir: Path
+    #: why the run ended as it did, in one line (the gate's first reason, or what there was too little of)
+    reason: str = ""
     version: str | None = None
     adapter_dir: Path | None = None
     gate: GateResult | None = None
@@ -102,6 +106,7 @@ def run_recipe(
     since: str | None = None,
     resume: str | None = None,
     store_root: Path | None = None,
+    export_lag_s: float = StoreConfig().export_lag_s,
     registry: RegistryConfig | None = None,
     max_lora_rank: int = 16,
     actor: str = "retrain",
@@ -110,10 +115,11 @@ def run_recipe(
     echo: bool = True,
 ) -> RunResult:
     """Run a recipe for ``alias`` end to end (see the module docs). ``resume``: the id of an earlier run of
-    the same alias, continued from its last checkpoint with its recipe and exported data."""
+    the same alias, continued from its last checkpoint with its recipe and exported data. ``store_root`` and
+    ``export_lag_s`` are the settings' (the recipe's ``data`` section may override them)."""
     run = RetrainRun.start(recipe_path, alias=alias, since=since, resume=resume, store_root=store_root,
-                           registry=registry, max_lora_rank=max_lora_rank, actor=actor, overrides=overrides,
-                           callbacks=callbacks, echo=echo)  # fmt: skip
+                           export_lag_s=export_lag_s, registry=registry, max_lora_rank=max_lora_rank, actor=actor,
+                           overrides=overrides, callbacks=callbacks, echo=echo)  # fmt: skip
     with run.recorded():
         setup = run.setup()
         exported = run.export()
@@ -121,18 +127,20 @@ def run_recipe(
         trained = run.train(setup, splits)
         gate = run.evaluate(setup, splits, trained)
         return run.publish(setup, exported, splits, trained, gate)
+    return run.result  # skipped: not enough new data (recorded as such)
 
 
 class RetrainRun:
     """One run of a recipe for an alias; see ``run_recipe`` for the order of the steps."""
 
     def __init__(self, recipe: Recipe, *, alias: str, run_id: str, run_dir: Path, since: str | None,
-                 resumed: bool, store_root: Path | None, registry: RegistryConfig, max_lora_rank: int, actor: str,
-                 callbacks: Sequence[Any], echo: bool) -> None:  # fmt: skip
+                 resumed: bool, store_root: Path | None, export_lag_s: float, registry: RegistryConfig,
+                 max_lora_rank: int, actor: str, callbacks: Sequence[Any], echo: bool) -> None:  # fmt: skip
         self.recipe, self.alias, self.run_id, self.run_dir, self.since = recipe, alias, run_id, run_dir, since
         self.resumed, self.registry_cfg, self.actor = resumed, registry, actor
         self.callbacks, self.echo = callbacks, echo
         self.store_root = recipe.data.store_root or store_root or paths.EVENTS_ROOT
+        self.lag_s = recipe.data.lag_s if recipe.data.lag_s is not None else export_lag_s
         self.max_lora_rank = recipe.output.max_lora_rank or max_lora_rank
         self.recipe_hash = recipe.hash()
         self.records = RunRecords(paths.runs_path(registry.path))
@@ -173,9 +181,14 @@ class RetrainRun:
 
     @contextmanager
     def recorded(self) -> Iterator[None]:
-        """Record a run that stops with an error as failed (interrupted on Ctrl-C) before the error goes on."""
+        """Record a run that stops with an error as failed (interrupted on Ctrl-C) before the error goes on;
+        too little data ends the run as skipped, without an error."""
         try:
             yield
+        except NotEnoughData as exc:
+            self.result.outcome, self.result.reason = "skipped", exc.one_line()
+            self.records.finish(self.run_id, "skipped", duration_s=self._elapsed(), error=exc.one_line())
+            log.info("run %s skipped: %s", self.run_id, exc.one_line())
         except KeyboardInterrupt:
             self.records.finish(self.run_id, "interrupted", duration_s=self._elapsed(), error="interrupted")
             raise
@@ -204,9 +217,9 @@ class RetrainRun:
         if self.resumed and (data_dir / "manifest.json").is_file():
             watermark = json.loads((data_dir / "manifest.json").read_text())["watermark"]
         else:
-            exp = export_training_data(self.store_root, data_dir, since=parse_watermark(self.since), lag_s=data.lag_s,
-                                       good_score=data.good_score, bad_score=data.bad_score, formats=("jsonl",),
-                                       as_datasets=False)  # fmt: skip
+            exp = export_training_data(self.store_root, data_dir, since=parse_watermark(self.since), lag_s=self.lag_s,
+                                       good_score=data.good_score, bad_score=data.bad_score, alias=self.alias,
+                                       formats=("jsonl",), as_datasets=False)  # fmt: skip
             watermark = exp.watermark.isoformat()
         return Exported(watermark, read_rows(data_dir / "sft.jsonl"), read_rows(data_dir / "pairs.jsonl"))
 
@@ -223,7 +236,7 @@ class RetrainRun:
         self.result.row_counts = counts
         self.records.update(self.run_id, data_watermark=exported.watermark, row_counts=counts)
         if not counts[f"{splits.kind}_train"]:
-            raise RunFailed(f"no {splits.kind} training rows since {self.since or 'the start'}")
+            raise NotEnoughData(f"no {splits.kind} training rows since {self.since or 'the start'}", prepared)
         return splits
 
     def train(self, setup: Setup, splits: Splits) -> TrainResult:
@@ -274,6 +287,7 @@ class RetrainRun:
             parent=setup.parent,
         )  # fmt: skip
         result, outcome = self.result, "rejected"
+        result.reason = gate.reasons[0] if gate.reasons else ""
         result.adapter_dir = trained.adapter_dir
         if gate.passed and version is not None:
             final = publish(trained.adapter_dir, self.registry_cfg.adapter_root, version, base=setup.base,

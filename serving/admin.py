@@ -17,13 +17,22 @@ router = APIRouter(prefix="/admin")
 
 
 class RegisterAdapter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Body of POST /admin/adapters."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "support-v3",
+                                                                                "path": "support-v3"}]})  # fmt: skip
+    name: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The adapter's name: what aliases and experiment arms refer to.",
+    )  # fmt: skip
     path: str = Field(min_length=1, description="Directory under the adapter root (relative or absolute).")
 
 
 class PointAlias(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Body of PUT /admin/aliases/{alias}."""
+
+    # (an example with `null` is not offered: pydantic drops None values from schema examples)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"adapter": "support-v3"}]})
     adapter: str | None = Field(description="Registered adapter name, or null for the base model.")
 
 

@@ -20,24 +20,38 @@ router = APIRouter(prefix="/admin/experiments")
 
 
 class CreateExperiment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    alias: str
-    arms: list[Arm] = Field(min_length=2)
-    control: str | None = None
-    id: str | None = None
-    salt: str | None = None
-    end: datetime | None = None
-    primary_metric: str = "thumbs_up_rate"
-    guardrails: Guardrails | None = None
-    description: str = ""
+    """Body of POST /admin/experiments."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "alias": "support", "id": "support-prompt-ab", "control": "current",
+        "arms": [{"name": "current", "adapter": "support-v2", "weight": 0.9},
+                 {"name": "new", "adapter": "support-v3", "weight": 0.1}],
+        "guardrails": {"error_rate_max": 0.02, "p95_latency_ms_max": 1500}, "description": "v3 at 10 %",
+    }]})  # fmt: skip
+    alias: str = Field(description="The alias whose traffic is split (it must exist).")
+    arms: list[Arm] = Field(min_length=2, description="Two or more arms; each adapter must be registered.")
+    control: str | None = Field(None, description="The control arm's name (default: the first arm).")
+    id: str | None = Field(None, description="The experiment's id (default: generated).")
+    salt: str | None = Field(None, description="Hash salt of the sticky assignment (default: random).")
+    end: datetime | None = Field(None, description="When the split stops (ISO 8601; default: until stopped).")
+    primary_metric: str = Field(
+        "thumbs_up_rate", description="What decides the winner: `thumbs_up_rate` or `mean_score`."
+    )
+    guardrails: Guardrails | None = Field(None, description="Limits every arm must respect (default: 5 % errors).")
+    description: str = Field("", description="Free text.")
 
 
 class UpdateExperiment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    weights: dict[str, float] | None = None
-    end: datetime | None = None
-    guardrails: Guardrails | None = None
-    description: str | None = None
+    """Body of PATCH /admin/experiments/{experiment_id}: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"weights": {"current": 0.5,
+                                                                                           "new": 0.5}}]})  # fmt: skip
+    weights: dict[str, float] | None = Field(
+        None, description="New relative weights by arm name; users move between arms as little as possible."
+    )
+    end: datetime | None = Field(None, description="A new end time (ISO 8601).")
+    guardrails: Guardrails | None = Field(None, description="New guardrails.")
+    description: str | None = Field(None, description="New free text.")
 
 
 def _bad(exc: Exception) -> OpenAIError:

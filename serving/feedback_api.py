@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from core.settings import Settings
 from feedback.events import (
@@ -31,6 +31,14 @@ from .errors import OpenAIError
 from .records import RequestRecord
 
 router = APIRouter()
+
+#: OpenAPI examples of POST /v1/feedback (docs/api.md shows the same; a test checks both against the schema).
+FEEDBACK_EXAMPLES: list[JsonValue] = [
+    {"request_id": "chatcmpl-7d2f0c9e8b1a4e7c9f3a2b1c0d9e8f7a", "kind": "thumbs", "value": False, "user": "u-1842"},
+    {"request_id": "chatcmpl-7d2f0c9e8b1a4e7c9f3a2b1c0d9e8f7a", "kind": "correction", "value": "billing",
+     "user": "u-1842", "metadata": {"task": "routing"}, "feedback_id": "ticket-99812-fix"},
+    {"request_id": "cmpl-0a1b2c3d4e5f60718293a4b5c6d7e8f9", "kind": "score", "value": 5, "source": "annotator"},
+]  # fmt: skip
 
 #: Request fields kept as the event's sampling parameters.
 SAMPLING_KEYS = (
@@ -103,15 +111,27 @@ def adapter_change_logger(store: EventStore) -> Callable[[str, str | None, str |
 
 
 class FeedbackIn(BaseModel):
-    """Body of POST /v1/feedback."""
+    """Body of POST /v1/feedback (docs/api.md: which kinds are rated, learned from, or only reported)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": FEEDBACK_EXAMPLES})
     request_id: str = Field(min_length=1, max_length=200, description="The completion `id` / x-request-id.")
-    kind: FeedbackKind
-    value: float | str | bool | None = None
-    user: str | None = Field(None, max_length=500)
-    source: FeedbackSource = "user"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    kind: FeedbackKind = Field(
+        description="`thumbs` and `score` rate the answer (the A/B reports count them); `correction` gives the "
+        "answer that was wanted (a training row and a preference pair); `label` tags the request (slices); "
+        "`comment`, `regenerate`, `copy` are stored and reported only."
+    )
+    value: float | str | bool | None = Field(
+        None,
+        description="By kind: thumbs true/false (also up/down, 1/-1); score a number (>= 4 good, <= 2 bad by "
+        "default); label, correction and comment a non-empty string; regenerate and copy nothing.",
+    )
+    user: str | None = Field(None, max_length=500, description="Who gave the feedback (your user id).")
+    source: FeedbackSource = Field(
+        "user", description="`user`, `annotator` or `automatic` (automatic signals never count as ratings)."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Free attributes kept with the feedback (e.g. `task`, `label`: slices)."
+    )
     feedback_id: str | None = Field(
         None, min_length=1, max_length=200, description="Client id: retries are idempotent."
     )

@@ -71,6 +71,16 @@ def test_config_docs_are_current() -> None:
     assert doc.strip() == render().strip(), "run: python -m core.config_docs > docs/configuration.md"
 
 
+def test_recipe_docs_are_current_and_every_field_is_described() -> None:
+    from retrain.recipe_docs import render as render_recipes
+
+    doc = (REPO / "docs" / "recipes.md").read_text()
+    assert doc.strip() == render_recipes().strip(), "run: python -m retrain.recipe_docs > docs/recipes.md"
+    for text in (doc, render()):
+        rows = [line for line in text.splitlines() if line.startswith("| `")]
+        assert len(rows) > 40 and all(not line.rstrip().endswith("|  |") for line in rows)
+
+
 def test_cli_reports_bad_config_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backends: {mode: remote}\n")

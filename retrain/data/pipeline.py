@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import LoraloopError
+from core.errors import ExitCode, LoraloopError
 from retrain.config import DataConfig
 from retrain.data.augment import augment_rows
 from retrain.data.balance import attribute_value, balance_rows
@@ -97,7 +97,10 @@ class PreparedData:
 
 
 class NotEnoughData(LoraloopError, ValueError):
-    """Fewer training rows than ``DataConfig.min_rows`` are left; ``prepared`` holds what was made."""
+    """Fewer training rows than ``DataConfig.min_rows`` are left; ``prepared`` holds what was made. A quiet
+    night, not a failure: the run is recorded as skipped and its watermark is not used."""
+
+    exit_code = ExitCode.NOT_ENOUGH_DATA
 
     def __init__(self, message: str, prepared: PreparedData) -> None:
         super().__init__(message)

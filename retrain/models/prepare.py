@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import LoraloopError
+from core.settings import PRESETS
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -312,10 +313,31 @@ def prepare_smollm2(dst: Path, *, try_hub: bool = True) -> Path:
     return dst
 
 
+def describe_model(spec: str) -> str:
+    """What ``spec`` names, without preparing anything: ``"preset"``, ``"directory"`` or ``"hub id"``; raises
+    ModelUnavailable for anything else (`loraloop config check` uses it)."""
+    if spec in PRESETS:
+        return "preset"
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelUnavailable(f"model path {spec!r} is not a directory")
+        if not (path / "config.json").is_file():
+            raise ModelUnavailable(f"model directory {spec!r} has no config.json (not a Hugging Face model)")
+        return "directory"
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return "hub id"
+    raise ModelUnavailable(
+        f"unknown model {spec!r}: not a preset (tiny, smollm2), an existing directory or a hub id (org/name)"
+    )
+
+
 def prepare_model(spec: str, cache_dir: Path) -> str:
-    """Resolve ``spec`` (preset, local directory or hub id) to what vLLM's ``--model`` takes."""
-    builders: dict[str, Callable[[Path], Path]] = {"tiny": build_tiny, "smollm2": prepare_smollm2}
-    if spec in builders:
+    """Resolve ``spec`` (preset, local directory or hub id) to what vLLM's ``--model`` takes; a preset is built
+    (once) into ``cache_dir``."""
+    kind = describe_model(spec)
+    if kind == "preset":
+        builders: dict[str, Callable[[Path], Path]] = {"tiny": build_tiny, "smollm2": prepare_smollm2}
         cache_dir = Path(cache_dir).expanduser().absolute()
         target = cache_dir / spec
         with _file_lock(cache_dir / f"{spec}.lock"):
@@ -323,15 +345,4 @@ def prepare_model(spec: str, cache_dir: Path) -> str:
                 builders[spec](target)
                 (target / READY_MARKER).write_text(f"{spec}\n")
         return str(target)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelUnavailable(f"model path {spec!r} is not a directory")
-        if not (path / "config.json").is_file():
-            raise ModelUnavailable(f"model directory {spec!r} has no config.json (not a Hugging Face model)")
-        return str(path.resolve())
-    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return spec
-    raise ModelUnavailable(
-        f"unknown model {spec!r}: not a preset (tiny, smollm2), an existing directory or a hub id (org/name)"
-    )
+    return str(Path(spec).expanduser().resolve()) if kind == "directory" else spec

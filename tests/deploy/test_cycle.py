@@ -19,6 +19,7 @@ from core.cycle_status import CycleAction, last_actions
 from core.deploy_config import PromotionConfig
 from core.errors import ExitCode
 from core.registry import Registry
+from core.runs import RunRecords
 from core.settings import Settings
 from deploy.cli import main as cli
 from deploy.controller import PromotionController
@@ -26,6 +27,7 @@ from deploy.cycle import CycleLocked, cycle_lock, run_cycle
 from feedback.events import FeedbackEvent, RequestEvent
 from feedback.experiments import ExperimentRepo
 from feedback.store import EventStore
+from retrain.recipe import load_recipe
 from serving.registry_metrics import RegistryCollector
 from tests.deploy.test_controller_decisions import (
     EXP,
@@ -52,7 +54,7 @@ def settings_values(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = 
         "replica_id": "cycle-test",
         "backends": {"mode": "remote", "urls": [FLEET_URL]},
         "aliases": {"x": {}, "broken": {}},
-        "store": {"root": str(tmp_path / "events"), "flush_interval_s": 0.01},
+        "store": {"root": str(tmp_path / "events"), "flush_interval_s": 0.01, "export_lag_s": 0},
         "promotion": {"gateway_urls": [FLEET_URL], "ramp": [0.5], "min_samples": 100},
         "cycle": {"state_dir": str(tmp_path / "cycle"), "aliases": aliases or {}},
     }
@@ -60,6 +62,15 @@ def settings_values(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = 
 
 def make_settings(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = None) -> Settings:
     return Settings(**settings_values(tmp_path, aliases))
+
+
+@pytest.fixture(autouse=True)
+def x_recipe(tmp_path: Path) -> Path:
+    """The recipe `x` names: loadable (the cycle reads its scores and lag to count rows); its base does not exist,
+    so a run that gets as far as training fails at once."""
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"model": {"base": str(tmp_path / "no-base")}}))
+    return path
 
 
 def write_config(tmp_path: Path, aliases: dict[str, dict[str, Any]] | None = None) -> str:
@@ -112,12 +123,13 @@ def winning_canary(tmp_path: Path) -> Registry:
 
 
 def plain_feedback(root: Path, alias: str, n: int) -> None:
-    """`n` rated requests on `alias` (no experiment)."""
+    """`n` rated requests on `alias` (no experiment), every other one thumbs up: ``(n + 1) // 2`` SFT rows."""
     with EventStore(store_config(root), "gw-plain", CollectorRegistry()) as store:
         for i in range(n):
             rid = f"{alias}-plain-{i}"
-            store.submit(RequestEvent(request_id=rid, alias=alias, endpoint="chat", user=f"u{i}", completion="ok",
-                                      latency_ms=50.0, status=200, replica="gw-plain"))  # fmt: skip
+            store.submit(RequestEvent(request_id=rid, alias=alias, endpoint="completions", user=f"u{i}",
+                                      prompt=f"question {i}", completion="ok", latency_ms=50.0, status=200,
+                                      replica="gw-plain"))  # fmt: skip
             store.write_feedback(FeedbackEvent(request_id=rid, kind="thumbs", value=i % 2 == 0))
 
 
@@ -125,11 +137,14 @@ def plain_feedback(root: Path, alias: str, n: int) -> None:
 
 
 def test_nothing_to_do_exits_0_and_writes_the_status(tmp_path: Path, fleets: Fleets) -> None:
-    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 50}})
+    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_rows": 50}})
     before = time.time()
     result = run_cycle(settings)
     assert result.exit_code == ExitCode.OK, result
-    assert result.actions == {"x": [CycleAction("skip", "0 new feedback since the start (< 50)")]} and not result.failed
+    assert (
+        result.actions == {"x": [CycleAction("skip", "0 new training rows since the start (< 50)")]}
+        and not result.failed
+    )
     st = status(tmp_path)
     assert st["exit_code"] == 0 and st["failed"] == {} and last_actions(st) == result.actions
     assert before <= st["last_success_ts"] == st["finished_ts"] <= time.time()
@@ -140,11 +155,12 @@ def test_nothing_to_do_exits_0_and_writes_the_status(tmp_path: Path, fleets: Fle
 
 def test_promoted_canary_exits_10_and_a_second_run_does_nothing(tmp_path: Path, fleets: Fleets) -> None:
     reg = winning_canary(tmp_path)
-    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}})
+    settings = make_settings(tmp_path, {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_rows": 100_000}})
     first = run_cycle(settings)
     assert first.exit_code == ExitCode.ACTED, first
     promote, skip = first.actions["x"]
-    assert promote.kind == "promote" and promote.detail.startswith("candidate wins") and skip.kind == "skip"
+    assert promote.kind == "promote" and promote.detail.startswith("candidate wins")
+    assert skip == CycleAction("skip", "a new champion tonight: the next run learns from the traffic it serves")
     assert reg.get("x-v2").status == "champion" and reg.get("x-v1").status == "retired"
     assert ExperimentRepo(tmp_path / "events").get(EXP).status == "stopped"
     assert fleets.made[0].calls == [("point", ("x", "x-v2")), ("stop_experiment", EXP)]
@@ -178,9 +194,9 @@ def test_missing_recipe_fails_that_alias_only(tmp_path: Path, fleets: Fleets) ->
     good = run_cycle(make_settings(tmp_path, {}))  # a first cycle without `broken`: nothing failed
     assert good.exit_code == ExitCode.ACTED
     reg.register_candidate("x", tmp_path / "adapters" / "x-v3", base_model="tiny")
-    broken = {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}
+    broken = {"recipe": str(tmp_path / "missing.yaml"), "min_new_rows": 5}
     settings = make_settings(
-        tmp_path, {"broken": broken, "x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}}
+        tmp_path, {"broken": broken, "x": {"recipe": str(tmp_path / "x.yaml"), "min_new_rows": 100_000}}
     )
     ctl = PromotionController(reg, FakeFleet(tmp_path / "events", {"x": "x-v2"}), tmp_path / "events",
                               PromotionConfig(ramp=[0.5]))  # fmt: skip
@@ -201,17 +217,47 @@ def test_missing_recipe_fails_that_alias_only(tmp_path: Path, fleets: Fleets) ->
     assert deploy.cycle.last_watermark(settings, "broken") is None
 
 
-def test_skip_counts_only_feedback_of_the_alias(tmp_path: Path, fleets: Fleets) -> None:
-    plain_feedback(tmp_path / "events", "broken", 4)
-    with EventStore(store_config(tmp_path / "events"), "gw-other", CollectorRegistry()) as store:  # 7 on another alias
-        for i in range(7):
-            store.submit(RequestEvent(request_id=f"o{i}", alias="x", endpoint="chat", latency_ms=5.0, status=200,
-                                      replica="gw-other"))  # fmt: skip
-            store.write_feedback(FeedbackEvent(request_id=f"o{i}", kind="thumbs", value=True))
-    settings = make_settings(tmp_path, {"broken": {"recipe": str(tmp_path / "missing.yaml"), "min_new_feedback": 5}})
-    result = run_cycle(settings)
+def test_skip_counts_the_training_rows_of_the_alias(tmp_path: Path, fleets: Fleets, x_recipe: Path) -> None:
+    """4 rated requests, 2 of them thumbs up: 2 SFT rows, the unit of the recipe's min_rows (not 4 events);
+    another alias's 7 good rows do not count."""
+    plain_feedback(tmp_path / "events", "quiet", 4)
+    plain_feedback(tmp_path / "events", "x", 13)
+    values = settings_values(tmp_path, {"quiet": {"recipe": str(x_recipe), "min_new_rows": 3}})
+    values["aliases"]["quiet"] = {}
+    result = run_cycle(Settings(**values))
     assert result.exit_code == ExitCode.OK, result
-    assert result.actions == {"broken": [CycleAction("skip", "4 new feedback since the start (< 5)")]}
+    assert result.actions == {"quiet": [CycleAction("skip", "2 new training rows since the start (< 3)")]}
+    assert deploy.cycle.new_training_rows(Settings(**values), "x", load_recipe(x_recipe), None) == 7
+
+
+def test_after_a_promotion_only_the_new_champions_traffic_counts(
+    tmp_path: Path, fleets: Fleets, x_recipe: Path
+) -> None:
+    """A promotion tonight: no retraining in the same run. The next night's data starts when the champion took
+    over, so the feedback gathered under the old champion is not counted (nor exported) again."""
+    reg = winning_canary(tmp_path)
+    plain_feedback(tmp_path / "events", "x", 12)  # 6 rows, served before the promotion
+    settings = make_settings(tmp_path, {"x": {"recipe": str(x_recipe), "min_new_rows": 4}})
+    first = run_cycle(settings)
+    assert [a.kind for a in first.actions["x"]] == ["promote", "skip"], first
+    promoted_at = deploy.cycle.champion_since(reg, "x")
+    assert promoted_at is not None and deploy.cycle.training_watermark(settings, reg, "x") == promoted_at.isoformat()
+    second = run_cycle(settings)
+    assert second.actions["x"] == [CycleAction("skip", f"0 new training rows since {promoted_at.isoformat()} (< 4)")], (
+        second
+    )
+    time.sleep(0.01)
+    with EventStore(store_config(tmp_path / "events"), "gw-after", CollectorRegistry()) as store:
+        for i in range(8):  # served by the new champion: these count
+            rid = f"after-{i}"
+            store.submit(RequestEvent(request_id=rid, alias="x", endpoint="completions", prompt=f"q{i}",
+                                      completion="ok", latency_ms=5.0, status=200, replica="gw-after"))  # fmt: skip
+            store.write_feedback(FeedbackEvent(request_id=rid, kind="thumbs", value=True))
+    third = run_cycle(settings)  # enough new rows: retrains (the recipe's base is missing: the run fails)
+    assert third.exit_code == ExitCode.FAILED and third.failed["x"].startswith("RunFailed: base model"), third
+    runs = RunRecords(settings.runs_path).list("x")
+    assert [r["outcome"] for r in runs] == ["failed"]
+    assert RunRecords(settings.runs_path).get(runs[0]["run_id"])["since"] == promoted_at.isoformat()
 
 
 # --- the lock ---------------------------------------------------------------------------------------------
@@ -237,17 +283,15 @@ def test_a_second_cycle_is_refused_while_one_holds_the_lock(
 
 
 def test_cli_exit_codes(tmp_path: Path, fleets: Fleets, capsys: pytest.CaptureFixture[str]) -> None:
-    aliases = {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_feedback": 100_000}}
+    aliases = {"x": {"recipe": str(tmp_path / "x.yaml"), "min_new_rows": 100_000}}
     config = write_config(tmp_path, aliases)
     assert cli(["--config", config, "cycle"]) == ExitCode.OK
-    assert "x: skip: 0 new feedback" in capsys.readouterr().out
+    assert "x: skip: 0 new training rows" in capsys.readouterr().out
     winning_canary(tmp_path)
     assert cli(["--config", config, "cycle"]) == ExitCode.ACTED
     assert "x: promote: candidate wins" in capsys.readouterr().out
     plain_feedback(tmp_path / "events", "broken", 3)
-    config = write_config(
-        tmp_path, {**aliases, "broken": {"recipe": str(tmp_path / "nope.yaml"), "min_new_feedback": 1}}
-    )
+    config = write_config(tmp_path, {**aliases, "broken": {"recipe": str(tmp_path / "nope.yaml"), "min_new_rows": 1}})
     assert cli(["--config", config, "cycle"]) == ExitCode.FAILED
     assert "broken: FAILED RecipeError" in capsys.readouterr().out
 

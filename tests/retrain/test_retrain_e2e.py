@@ -3,6 +3,7 @@ beats the base on the holdout through the session's vLLM and is registered; a br
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from core.errors import ExitCode
 from core.registry import Registry, RegistryConfig
+from core.settings import Settings
 from core.store_config import StoreConfig
 from deploy.cli import main
 from feedback.events import FeedbackEvent, RequestEvent
@@ -61,7 +64,9 @@ def retrain_args(tmp: Path, tiny: Path, *extra: str, recipe: str = "sft_lora.yam
         "--store", str(tmp / "events"), "--registry", str(tmp / "state" / "registry.duckdb"),
         "--adapter-root", str(tmp / "adapters"),
         "--set", f"model.base={tiny}", "--set", f"output.runs_dir={tmp / 'runs'}",
-        "--set", "data.prepare={min_rows: 10}", "--set", "eval.min_slice_samples=3", *extra,
+        "--set", "data.prepare={min_rows: 10}", "--set", "eval.min_slice_samples=3",
+        "--set", "data.lag_s=0",  # the store was written a moment ago: nothing is in flight
+        *extra,
     ]  # fmt: skip
 
 
@@ -144,3 +149,28 @@ def test_rerun_same_data_same_seed_same_adapter(tmp_path: Path, tiny_model_dir: 
     assert [r["outcome"] for r in runs if r] == ["registered", "registered"]
     a, b = (r["eval"]["candidate"] for r in runs if r)
     assert a["loss"] == b["loss"] and runs[0]["recipe_hash"] == runs[1]["recipe_hash"]  # type: ignore[index]
+
+
+def test_a_quiet_night_is_a_clean_skip(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fewer rows than min_rows after preparation: exit 4, the run recorded as skipped (not failed), nothing
+    trained or registered, and its watermark not used by the next run; only the alias's own rows count."""
+    from core.runs import RunRecords
+    from deploy.cycle import last_watermark
+
+    write_feedback_store(tmp_path / "events", n=12)
+    write_feedback_store(tmp_path / "events", n=60, alias="other", seed=1)  # another alias: not support's data
+    before = snapshot(tmp_path)
+    code = main(retrain_args(tmp_path, tiny_model_dir, "--set", "data.prepare={min_rows: 20}"))
+    out = capsys.readouterr().out
+    assert code == ExitCode.NOT_ENOUGH_DATA == 4, out
+    assert "skipped, nothing trained:" in out and "fewer than min_rows=20" in out
+    run = RunRecords(tmp_path / "state" / "runs.duckdb").list("support")[-1]
+    full = RunRecords(tmp_path / "state" / "runs.duckdb").get(run["run_id"])
+    assert full is not None and full["outcome"] == "skipped" and "min_rows=20" in full["error"]
+    assert not (Path(full["run_dir"]) / "adapter").exists() and snapshot(tmp_path) == before
+    settings = Settings(registry_path=tmp_path / "state" / "registry.duckdb")
+    assert last_watermark(settings, "support") is None  # the next night starts from the same place
+    exported = Path(full["run_dir"]) / "data" / "manifest.json"
+    assert json.loads(exported.read_text())["counts"] == {"sft": 12, "pairs": 8}  # support's rows only
