@@ -313,6 +313,7 @@ def publish(adapter_dir: Path, root: Path, version: str, *, base: str, max_rank:
     the gateway will."""
     from serving.adapter_checks import BaseModelInfo, validate_adapter
 
+    root = root.absolute()  # the check reads a relative path as relative to the root (the default root is relative)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
