@@ -3,10 +3,11 @@ on the same data, in real (non-padding) training tokens per second; with and wit
 variable-length data. Targets: ratio >= 1.0x, and >= 1.5x with packing.
 
 The runs are interleaved and repeated (the machine may be shared); the figures are medians. The recipe runs
-with its defaults (padding-free batches, the model's own loss); ``--stock`` adds TRL's defaults for
-reference (padded batches, per-step entropy / token accuracy).
+with its defaults (padding-free batches, the lean completion-only loss); ``--stock`` adds, for reference, the
+recipe with TRL's own loss (``token_metrics: true``: TRL's LM head over every position for its per-step entropy /
+token accuracy) and TRL's defaults (padded batches and TRL's loss).
 
-    python bench/train.py [--model DIR] [--rows 256] [--batch 16] [--threads 1] [--repeats 3] [--stock]
+    python -m bench.train [--model DIR] [--rows 256] [--batch 16] [--threads 1] [--repeats 3] [--stock]
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    ap.add_argument("--stock", action="store_true", help="also run TRL's defaults (padded, token metrics)")
+    ap.add_argument("--stock", action="store_true", help="also run TRL's loss, and TRL's defaults (padded)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants: dict[str, dict[str, Any]] = {
@@ -107,12 +108,13 @@ def main() -> None:
         "recipe (TRL, packing)": {"packing": True},
     }
     if args.stock:
+        variants["recipe, TRL's loss"] = {"token_metrics": True}
         variants["TRL defaults (padded)"] = {"padding_free": False, "token_metrics": True}
     times: dict[str, list[float]] = {"plain transformers+peft": []} | {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else None
         if model_dir is None:
-            from serving.model_prep import build_tiny
+            from retrain.models.prepare import build_tiny
 
             model_dir = build_tiny(Path(tmp) / "tiny")
         tok = AutoTokenizer.from_pretrained(model_dir)

@@ -6,7 +6,6 @@ seed and an output directory — and returns the saved adapter with its training
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
 import logging
@@ -278,84 +277,133 @@ def _training_args(
     return kw
 
 
+def completion_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+    """The causal-LM loss with the LM head run only where a label follows (the completion).
+
+    The model computes ``logits_to_keep`` positions — those whose next token is a label in some row of the batch —
+    instead of every position: prompt tokens are most of a chat example (62% in bench/train.py), and the head is a
+    large share of a small model's compute. Same value as the model's own loss (``labels=``): the summed
+    cross-entropy of the kept positions divided by ``num_items_in_batch``, or by their count when it is None
+    (tests/retrain/test_train_lean_loss.py). Returns ``(loss, outputs)``; the outputs hold only the kept logits."""
+    import torch
+
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+    logits = outputs.logits.float()
+    kept = targets[:, keep].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), kept.reshape(-1),
+                                            ignore_index=-100, reduction="sum")  # fmt: skip
+    count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
+    return nll / torch.as_tensor(count, device=nll.device).clamp(min=1), outputs
+
+
+@dataclass
+class _LeanState:
+    """The lean trainer's own state (its own attribute, so that no name of TRL's or transformers' is reused)."""
+
+    token_metrics: bool
+    trl_loss: bool | None = None  # TRL's own loss (decided at the first step: the model does not change)
+    keeps_logits: bool = False  # the model's forward takes ``logits_to_keep`` (most causal LMs of transformers 5)
+    tokens: Any = 0  # training tokens seen (padding excluded), a tensor once counted: no host sync per step
+    unlogged: bool = False  # a training step ran since the last training log
+
+
 def _sft_trainer_class() -> Any:
-    """TRL's SFTTrainer with two options (``train.token_metrics``, ``train.padding_free`` without packing)."""
+    """TRL's SFTTrainer with a lighter loss unless ``train.token_metrics``, through two public hooks only.
+
+    ``compute_loss`` is the extension point TRL documents (its ``compute_loss_func`` is deprecated since 1.16 and
+    runs an extra forward pass per step) and ``log`` is the one transformers documents for extra log values; no
+    private member of TRL or transformers is read, written or overridden.
+
+    Why: TRL scores every position for its per-step ``entropy`` and ``mean_token_accuracy`` logs (1.15+: a fused,
+    chunked LM head; before: the full logits). Without Triton (CPU) that is several extra passes over the
+    ``tokens x vocabulary`` logits, forward and backward: ``python -m bench.train --stock``, padding-free batches,
+    2-core CPU, TRL 1.16, median of 3 repeats: 3.30x the plain loop with this loss, 1.99x with TRL's. Here the LM
+    head runs only on the positions that predict a label (``completion_loss``): same loss, same masking; only those
+    two logs are gone.
+    ``num_tokens`` (TRL's log of the training tokens seen, padding excluded) is kept, counted here."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
     class LeanSFTTrainer(SFTTrainer):
-        """SFTTrainer with a lighter loss unless ``token_metrics``.
-
-        TRL 1.16 always scores every position through its fused LM head for the per-step ``entropy`` and
-        ``mean_token_accuracy`` logs: without Triton (CPU) that is several extra passes over the
-        ``tokens x vocabulary`` logits, forward and backward. Here the LM head runs only on the positions that
-        predict a label (``_completion_loss``). Same loss (sum over the unmasked labels divided by
-        ``num_items_in_batch``), same masking; only those two logs are gone (``num_tokens`` stays).
-        ``truncate_to``: keep the first N tokens of each example (TRL's ``keep_start``), for padding-free
-        batches without packing, where TRL leaves ``max_length`` unenforced."""
-
-        def __init__(self, *args: Any, token_metrics: bool = False, truncate_to: int | None = None, **kw: Any):
-            self._token_metrics = token_metrics
-            self._truncate_to = truncate_to
+        def __init__(self, *args: Any, token_metrics: bool = False, **kw: Any):
+            self.lean = _LeanState(token_metrics=token_metrics)
             super().__init__(*args, **kw)
-
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool, *rest: Any) -> Any:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, packing, *rest)
-            n = self._truncate_to
-            if n is None or packing:
-                return dataset
-            dataset = dataset.map(lambda ex: {"input_ids": ex["input_ids"][:n], "labels": ex["labels"][:n]})
-            # like TRL: examples whose completion was cut off entirely contribute no loss
-            return dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]))
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            if self._token_metrics or self.aux_loss_enabled or "labels" not in inputs:
+            if self.lean.trl_loss is None:
+                unwrapped = self.accelerator.unwrap_model(model)
+                base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+                # TRL's own loss where it does more than the cross-entropy: metrics asked for, or a MoE router
+                # loss (the config asks for router logits: TRL sets that flag from its aux-loss coefficient)
+                routed = getattr(base.config.get_text_config(), "output_router_logits", False)
+                self.lean.trl_loss = self.lean.token_metrics or bool(routed)
+                self.lean.keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+            if self.lean.trl_loss or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
-            if self._keeps_logits and not return_outputs:
-                loss, outputs = self._completion_loss(model, inputs, num_items_in_batch)
-            else:
+            if self.lean.keeps_logits and not return_outputs:
+                loss, outputs = completion_loss(model, inputs, num_items_in_batch)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+            else:  # logits wanted (evaluation with compute_metrics) or no logits_to_keep: the model's own loss
                 loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-            if model.training:  # TRL's `num_tokens` log: tokens seen, padding excluded
+            if model.training:
                 if "attention_mask" in inputs:
                     seen = inputs["attention_mask"].sum()
-                else:
+                else:  # padding-free: one row of real tokens
                     seen = torch.tensor(inputs["input_ids"].size(1), device=inputs["input_ids"].device)
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(seen).sum().item()) // self._tp_size
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                # tensor-parallel ranks get the same batch: the gathered count has each token tp_size times
+                seen = self.accelerator.gather_for_metrics(seen).sum() // self.get_tp_size()
+                self.lean.tokens = self.lean.tokens + seen
+                self.lean.unlogged = True
             return (loss, outputs) if return_outputs else loss
 
-        @functools.cached_property
-        def _keeps_logits(self) -> bool:
-            """Whether the model's forward takes ``logits_to_keep`` (most causal LMs of transformers 5)."""
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            return "logits_to_keep" in inspect.signature(type(base).forward).parameters
-
-        def _completion_loss(self, model: Any, inputs: Any, num_items_in_batch: Any) -> tuple[Any, Any]:
-            """The causal-LM loss with the LM head run only where a label follows (the completion): the model
-            computes ``logits_to_keep`` positions — those whose next token is a label in some row of the batch —
-            instead of every position. Prompt tokens are most of a chat example, and the head is a large share of a
-            small model's compute. Same value as the model's own loss: summed cross-entropy of the kept positions
-            divided by ``num_items_in_batch`` (or their count)."""
-            labels = inputs.pop("labels")
-            targets = labels[:, 1:]
-            keep = (targets != -100).any(dim=0).nonzero().flatten()
-            outputs = model(**inputs, logits_to_keep=keep)
-            logits = outputs.logits.float()
-            kept = targets[:, keep].to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), kept.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")  # fmt: skip
-            count = num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum()
-            loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
-            return loss, outputs
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # like TRL's: in the training logs that follow a training step, cumulative, as a float
+            if self.lean.unlogged and self.model is not None and self.model.training:
+                logs["num_tokens"] = float(self.lean.tokens)
+                self.lean.unlogged = False
+            super().log(logs, start_time)
 
     return LeanSFTTrainer
+
+
+def _sft_trainer(
+    model: Any, tok: Any, train: TrainSection, args_kw: dict[str, Any], train_ds: Any, eval_ds: Any, **kw: Any
+) -> Any:
+    """The recipe's SFT trainer: TRL's SFTTrainer, configured through its public config and collator only.
+
+    Padding-free batches without packing: TRL's ``padding_free=True`` refuses a custom collator and then leaves
+    ``max_length`` unenforced (it raises unless ``max_length=None``). So TRL is configured for padded batches — its
+    dataset preparation then truncates each example to ``max_length`` (keep_start) and drops the examples whose
+    completion was cut off entirely (TRL >= 1.9) — and its own public collator lays each batch end to end. Same
+    examples, same batches as padded training; tested in tests/retrain/test_train_lean_loss.py. Packing is
+    padding-free in TRL already (bfd into rows of ``max_length``).
+
+    TRL versions (pyproject: ``>=1.9,!=1.15.*,<2``): tests/retrain/test_train_*.py pass with 1.9.0, 1.9.2, 1.10.0,
+    1.11.0, 1.12.0, 1.13.0, 1.14.2 and 1.16.0 (test_retrain_e2e.py too with 1.9.0 and 1.14.2). 1.8 keeps the
+    examples truncation left without a completion (the truncation test fails); 1.15.0's fused LM head (TRL's own
+    loss: ``token_metrics``, DPO) asks Triton for a GPU driver and fails on a CPU with Triton installed."""
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = None
+    if train.padding_free and not train.packing:
+        collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+    if train.padding_free or train.packing:
+        use_varlen_attention(model)
+    sft_cfg = SFTConfig(**args_kw, packing=train.packing, padding_free=train.packing,
+                        completion_only_loss=train.completion_only_loss)  # fmt: skip
+    return _sft_trainer_class()(
+        model=model, args=sft_cfg, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tok, token_metrics=train.token_metrics, **kw,
+    )  # fmt: skip
 
 
 def _dataset(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Any:
@@ -431,21 +479,7 @@ def train_adapter(
             optimizers = (layerwise_optimizer(model, train), None)
         trainer: Any
         if train.method == "sft":
-            from trl import SFTConfig
-
-            # Packing (bfd) is padding-free in TRL; without packing, padding-free leaves max_length to us.
-            padding_free = train.padding_free or train.packing
-            truncate_to = train.max_length if padding_free and not train.packing else None
-            if truncate_to is not None:
-                args_kw["max_length"] = None
-            if padding_free:
-                use_varlen_attention(model)
-            sft_cfg = SFTConfig(**args_kw, packing=train.packing, padding_free=padding_free,
-                                completion_only_loss=train.completion_only_loss)  # fmt: skip
-            trainer = _sft_trainer_class()(
-                model=model, args=sft_cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                callbacks=cbs, optimizers=optimizers, token_metrics=train.token_metrics, truncate_to=truncate_to,
-            )  # fmt: skip
+            trainer = _sft_trainer(model, tok, train, args_kw, train_ds, eval_ds, callbacks=cbs, optimizers=optimizers)
         else:
             from trl import DPOConfig, DPOTrainer
 

@@ -196,6 +196,12 @@ class OpenAIServing:
         try:
             first = await anext(batches, None)
         except UpstreamError as exc:
+            if exc.kind == "timeout":  # vLLM took the request, then sent nothing in time: a timeout, as before the head
+                backend.in_flight -= 1
+                resp.close()
+                timeout = OpenAIError(504, f"the vLLM back-end timed out: {exc}", code="backend_timeout")
+                self._finish(record, timeout.status, timeout.message)
+                return timeout.response(headers)
             first = [json.dumps({"error": {"message": f"back-end stream broke: {exc}", "code": 502}}).encode()]
         if first and first[0].startswith(b'{"error"'):
             backend.in_flight -= 1

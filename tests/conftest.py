@@ -1,9 +1,10 @@
 """Shared fixtures: the tiny model and ONE real vLLM CPU server (managed by a real gateway) per test
-session — vLLM takes about a minute to start here, so every integration test shares it."""
+session — vLLM takes about a minute to start here, so every integration test shares it. Also the skip
+policy: a skip whose reason is not in EXPECTED_SKIPS fails the session."""
 
 from __future__ import annotations
 
-import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,57 @@ API_KEY = "sk-live-test-key-42"
 ADMIN_KEY = "adm-live-test-key-42"
 REPO = Path(__file__).resolve().parent.parent
 BASE_ALIASES: dict[str, Any] = {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}}
-SHARED = Path(os.environ.get("LORALOOP_SHARED_DIR", REPO.parent / "shared"))
+
+
+# ---------------------------------------------------------------------------------------------- skips
+# A skip is a test that did not run, so it must not pass unnoticed: a missing tool, an uninstalled
+# dependency or a broken install would otherwise turn into a quiet "s" and a green run. Every skip is
+# listed with its reason (`-rfEs` in pyproject's addopts), and the session fails when a test is skipped
+# for a reason that does not match this allow-list. Each entry: a regular expression searched in the
+# skip's reason -> why that skip is expected (who may see it and why it is not a failure there).
+# Empty: .ci/run installs every tool and dependency the suite uses, so no skip is expected anywhere.
+EXPECTED_SKIPS: dict[str, str] = {}
+
+
+class SkipPolicy:
+    """The pytest plugin that applies EXPECTED_SKIPS (one instance per session, registered below)."""
+
+    def __init__(self, expected: dict[str, str]) -> None:
+        self.expected = expected
+        self.unexpected: list[tuple[str, str]] = []
+
+    def _note(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        longrepr = report.longrepr
+        # a skip's longrepr is (path, line, "Skipped: reason")
+        reason = str(longrepr[2]).removeprefix("Skipped: ") if isinstance(longrepr, tuple) else str(longrepr)
+        if not any(re.search(pattern, reason) for pattern in self.expected):
+            self.unexpected.append((report.nodeid, reason))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):  # an xfail is reported as skipped too
+            self._note(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.skipped:  # a whole module skipped (pytest.skip(allow_module_level=True), importorskip)
+            self._note(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.unexpected and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.unexpected:
+            terminalreporter.write_sep("=", f"{len(self.unexpected)} unexpected skip(s): the run fails", red=True)
+            for nodeid, reason in self.unexpected:
+                terminalreporter.write_line(f"{nodeid}: {reason}")
+            terminalreporter.write_line("fix the cause, or allow the reason in tests/conftest.py EXPECTED_SKIPS (why)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipPolicy(EXPECTED_SKIPS), "loraloop-skip-policy")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.conftest import ADMIN_KEY, API_KEY, LiveGateway
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["Is this review positive?", "Rate this product please.", "What do you think of it?", "Label this one."]
+PER_WINDOW = 4  # requests that must run entirely between two switches (both kinds come: the workers alternate)
 
 
 @dataclass
@@ -93,22 +95,55 @@ class Load:
         for t in self._threads:
             t.join(timeout=120)
 
+    def count(self, started_after: float) -> int:
+        """How many requests that started after `started_after` have finished."""
+        with self._lock:
+            return sum(1 for o in self.outcomes if o.started > started_after)
+
+    def wait_for(self, n: int, started_after: float, timeout_s: float = 180) -> None:
+        """Until `n` requests that started after `started_after` have finished: a condition, not a fixed
+        window, so a slow (loaded) machine only makes the test take longer."""
+        deadline = time.monotonic() + timeout_s
+        while self.count(started_after) < n:
+            assert not self.errors, self.errors[:3]
+            assert time.monotonic() < deadline, f"fewer than {n} requests finished within {timeout_s:g} s"
+            time.sleep(0.02)
+
 
 def admin(live: LiveGateway) -> httpx.Client:
     return live.client(key=ADMIN_KEY)
 
 
-def test_repoint_under_load_switches_outputs_without_failures(live_gateway: LiveGateway) -> None:
+def poll(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def labeler_on_alpha(live_gateway: LiveGateway) -> Iterator[None]:
+    """`labeler` points at alpha during the test and again after it, whatever the test did: the next test
+    finds the session's gateway as configured, not as the test left it."""
     with admin(live_gateway) as adm:
         assert adm.put("/admin/aliases/labeler", json={"adapter": "alpha"}).status_code == 200
+        yield
+        assert adm.put("/admin/aliases/labeler", json={"adapter": "alpha"}).status_code == 200
+
+
+def test_repoint_under_load_switches_outputs_without_failures(
+    live_gateway: LiveGateway, labeler_on_alpha: None
+) -> None:
+    with admin(live_gateway) as adm:
         switches: list[tuple[float, str]] = []
         with Load(live_gateway, "labeler") as load:
-            time.sleep(3)
+            load.wait_for(PER_WINDOW, started_after=0)  # serving alpha under load before the first switch
             for target in ("bravo", "alpha", "bravo", "alpha", "bravo"):
                 resp = adm.put("/admin/aliases/labeler", json={"adapter": target})
                 assert resp.status_code == 200, resp.text
                 switches.append((time.monotonic(), target))
-                time.sleep(3)
+                # the next switch only once enough requests ran entirely between this switch and the next
+                load.wait_for(PER_WINDOW, started_after=switches[-1][0])
         assert load.errors == []
         failed = [o for o in load.outcomes if o.status != 200]
         assert failed == [], failed[:3]
@@ -118,18 +153,24 @@ def test_repoint_under_load_switches_outputs_without_failures(live_gateway: Live
         for i, (at, target) in enumerate(switches):
             until = switches[i + 1][0] if i + 1 < len(switches) else float("inf")
             after = [o for o in load.outcomes if at < o.started and o.ended < until]
-            assert after, f"no request fully inside switch window {i}"
+            assert len(after) >= PER_WINDOW, f"only {len(after)} requests fully inside switch window {i}"
             wrong = [o.text for o in after if o.text != target]
             assert wrong == [], f"after switching to {target}: {wrong}"
             checked += len(after)
-        assert checked >= 10
+        assert checked >= PER_WINDOW * len(switches)
         # an adapter no alias uses any more is unloaded once drained; one still in use stays
         assert adm.put("/admin/aliases/labeler", json={"adapter": None}).status_code == 200
-        time.sleep(1)
-        listing = adm.get("/admin/adapters").json()
-        loaded = next(iter(listing["backends"].values()))
-        assert "bravo" not in loaded and "alpha" in loaded, listing  # alpha: alias `ab` still points to it
+
+        def loaded() -> list[str]:
+            return list(next(iter(adm.get("/admin/adapters").json()["backends"].values())))
+
+        poll(lambda: "bravo" not in loaded(), "bravo to be unloaded once no alias uses it")
+        assert "alpha" in loaded()  # alpha: alias `ab` still points to it
+        # an unloaded adapter stays registered: pointing at it again loads it again
         assert adm.put("/admin/aliases/labeler", json={"adapter": "bravo"}).status_code == 200
+        assert "bravo" in loaded()
+        with live_gateway.client() as client:
+            assert one_request(client, "labeler", PROMPTS[0], stream=False).text == "bravo"
 
 
 HOSTILE = {

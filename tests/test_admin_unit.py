@@ -73,12 +73,17 @@ async def test_register_point_and_drain(gw: Gateway) -> None:
 
 
 async def test_hostile_adapters_refused(gw: Gateway, adapter_root: Path) -> None:
-    bad = await gw.client.post("/admin/adapters", json={"name": "evil", "path": "../../etc"})
-    assert assert_openai_error(bad, 400, "path")["code"] in ("outside_root", "not_found")
+    # A path that leaves the adapter root is refused as outside_root whether or not it exists: containment
+    # is checked before the file system is asked, so the admin API never says what exists outside the root.
+    for outside in ("../../etc", "/etc", "/no-such-dir-anywhere", str(adapter_root / ".." / "no-such-dir")):
+        bad = await gw.client.post("/admin/adapters", json={"name": "evil", "path": outside})
+        assert assert_openai_error(bad, 400, "path")["code"] == "outside_root", outside
+    missing = await gw.client.post("/admin/adapters", json={"name": "missing", "path": "no-such-adapter"})
+    assert assert_openai_error(missing, 400, "path")["code"] == "not_found"  # inside the root: it may say so
     with_pickle(adapter_root / "support-v1", adapter_root / "pickled")
     resp = await gw.client.post("/admin/adapters", json={"name": "pickled", "path": "pickled"})
     assert assert_openai_error(resp, 400)["code"] == "pickled_weights"
-    assert not any(op[1] in ("evil", "pickled") for op in gw.fake.state.ops)  # vLLM never saw them
+    assert not any(op[1] in ("evil", "missing", "pickled") for op in gw.fake.state.ops)  # vLLM never saw them
     assert_openai_error(await gw.client.post("/admin/adapters", json={"name": "a b", "path": "x"}), 400)
 
 

@@ -20,8 +20,12 @@ def short(tmp_path: Path, live: LiveGateway, **kw: object) -> DemoConfig:
                       round_requests=48, holdout=24, vllm_url=vllm, **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def test_demo_loop_promotes_a_better_adapter(tmp_path: Path, live_gateway: LiveGateway) -> None:
+def test_demo_loop_promotes_a_better_adapter(
+    tmp_path: Path, live_gateway: LiveGateway, capfd: pytest.CaptureFixture[str]
+) -> None:
     result = run_demo(short(tmp_path, live_gateway, alias="reviews"))
+    progress = capfd.readouterr().err  # not a terminal: whole lines, no carriage-return frames
+    assert "\r" not in progress and "baseline traffic: 96/96 req (100%)" in progress
     assert result.before_rate < 0.2
     assert result.promoted is not None and result.promoted.startswith("reviews-v")
     assert result.after_rate >= result.before_rate + 0.5

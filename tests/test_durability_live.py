@@ -29,9 +29,10 @@ def start(cfg: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    deadline = time.monotonic() + 300  # a deadline, not a count of tries: start-up is slow on a loaded machine
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
@@ -81,8 +82,18 @@ def test_kill_9_loses_nothing_acknowledged(live_gateway: LiveGateway, tiny_model
     threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(4)]
     for t in threads:
         t.start()
-    time.sleep(random.uniform(4.0, 7.0))
-    proc.send_signal(signal.SIGKILL)  # at an arbitrary moment, mid-traffic
+    # enough traffic first (a condition: a loaded machine serves fewer requests per second), then a little
+    # more, so the kill lands at an arbitrary moment mid-traffic
+    deadline = time.monotonic() + 300
+    while True:
+        with lock:
+            enough = len(served) >= 10 and len(acked) >= 10
+        if enough:
+            break
+        assert time.monotonic() < deadline, (len(served), len(acked))
+        time.sleep(0.1)
+    time.sleep(random.uniform(0.0, 3.0))
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(0.5)
     stop.set()

@@ -59,14 +59,25 @@ def test_seed_and_greedy_are_deterministic(client: openai.OpenAI) -> None:
 def test_n_and_stop(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(model="tiny", messages=MSG, n=2, max_tokens=5, temperature=1.0, seed=3)
     assert sorted(c.index for c in out.choices) == [0, 1]
-    base = client.completions.create(model="tiny", prompt="a b c", max_tokens=12, temperature=0)
-    text = base.choices[0].text
-    stop_word = text.strip().split()[0] if text.strip() else None
-    if stop_word:
-        stopped = client.completions.create(model="tiny", prompt="a b c", max_tokens=12, temperature=0,
-                                            stop=[stop_word])  # fmt: skip
-        assert stop_word not in stopped.choices[0].text
-        assert stopped.choices[0].finish_reason == "stop"
+    # Greedy with ignore_eos: twelve tokens whatever the tiny model's weights, the same on every call. The
+    # stop string is a token from the middle of that output, so the stopped answer is known exactly: the
+    # text before the stop string's first occurrence, cut there, with finish_reason "stop".
+    greedy = {
+        "model": "tiny",
+        "prompt": "a b c",
+        "max_tokens": 12,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    base = client.completions.create(**greedy, logprobs=0).choices[0]
+    assert base.finish_reason == "length" and base.logprobs is not None and base.logprobs.tokens
+    tokens, text = base.logprobs.tokens, base.text
+    assert len(tokens) == 12 and "".join(tokens) == text
+    stop_word = next(t for t in tokens[len(tokens) // 2 :] if t.strip())  # visible text, not whitespace alone
+    expected = text[: text.index(stop_word)]
+    assert expected.strip(), (text, stop_word)  # the stop comes after some output: a cut, not an empty answer
+    stopped = client.completions.create(**greedy, stop=[stop_word]).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (expected, "stop"), (text, stop_word)
 
 
 def test_logprobs(client: openai.OpenAI) -> None:

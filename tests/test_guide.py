@@ -172,3 +172,15 @@ def test_the_guide_end_to_end_on_tiny(walk: Walk, monkeypatch: pytest.MonkeyPatc
     assert figures["canary_accuracy"] > figures["base_accuracy"]
     print(f"guide on tiny: routed right {figures['base_accuracy']:.0%} before, "
           f"{figures['canary_accuracy']:.0%} during the canary\n{figures['gate']}")  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.timeout(3600)
+def test_the_guide_end_to_end_on_smollm2(walk: Walk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page as written (SmolLM2-135M-Instruct)."""
+    figures = walk_the_guide(walk, "smollm2", canary_requests=160, monkeypatch=monkeypatch)
+    assert figures["canary_accuracy"] > figures["base_accuracy"]
+    print(f"guide on smollm2: routed right {figures['base_accuracy']:.0%} before, "
+          f"{figures['canary_accuracy']:.0%} during the canary\n{figures['gate']}")  # fmt: skip

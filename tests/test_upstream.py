@@ -9,11 +9,13 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from serving import upstream
 from serving.upstream import UpstreamClient, UpstreamError, UpstreamTimeouts
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -55,6 +57,26 @@ def kept_alive(respond: Callable[[asyncio.StreamWriter], Awaitable[None]], conne
 async def ok(writer: asyncio.StreamWriter) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     await writer.drain()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Wait for `condition` (polled on the event loop) instead of a fixed sleep: a loaded machine may need
+    far longer than usual, and a fixed window would pass or fail by luck."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+class FakeClock:
+    """`time.monotonic` for serving.upstream only, moved on by hand: the keep-alive expiry is tested by
+    stepping over the limit, not by sleeping past it (the event loop keeps its own clock)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
 
 
 @pytest.fixture
@@ -201,17 +223,22 @@ async def test_silence_is_a_timeout_and_a_cut_stream_is_a_failure(client: Upstre
         await first_event_then_error(client, url, "failed")
 
 
-async def test_connections_are_kept_alive_reused_and_expired() -> None:
+async def test_connections_are_kept_alive_reused_and_expired(monkeypatch: pytest.MonkeyPatch) -> None:
     connections: list[int] = []
     handler = kept_alive(ok, connections)
+    clock = FakeClock()
+    monkeypatch.setattr(upstream, "time", clock)
 
-    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1, keepalive_s=0.3))
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=1, keepalive_s=10))
     server, url = await serve(handler)
     async with server:
         for _ in range(3):
             assert await (await client.post(url, b"{}")).read() == b"ok"
         assert len(connections) == 1  # one kept-alive connection for requests one after another
-        await asyncio.sleep(0.5)  # idle longer than keepalive_s: not reused
+        clock.offset += 9  # idle, but for less than keepalive_s: reused
+        assert await (await client.post(url, b"{}")).read() == b"ok"
+        assert len(connections) == 1
+        clock.offset += 11  # idle longer than keepalive_s: not reused
         assert await (await client.post(url, b"{}")).read() == b"ok"
         assert len(connections) == 2
     await client.aclose()
@@ -272,13 +299,16 @@ async def test_requests_beyond_max_connections_wait_for_one() -> None:
 
     handler = kept_alive(when_released, connections)
 
-    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=2, max_connections=1))
+    client = UpstreamClient(UpstreamTimeouts(connect_s=2, read_s=30, max_connections=1))
     server, url = await serve(handler)
     async with server:
         first = asyncio.create_task(client.post(url, b"{}"))
+        await until(lambda: len(connections) == 1, "the first request's connection")
         second = asyncio.create_task(client.post(url, b"{}"))
-        await asyncio.sleep(0.2)
-        assert not second.done() and len(connections) == 1
+        (pool,) = client._pools.values()
+        # the second request queues for the one connection instead of opening another
+        await until(lambda: len(pool.waiting) == 1, "the second request to wait for a connection")
+        assert not second.done() and len(connections) == 1 and len(pool.open) == 1
         release.set()
         assert await (await first).read() == b"ok"
         assert await (await second).read() == b"ok"  # on the connection the first gave back
@@ -298,14 +328,18 @@ async def test_silence_mid_stream_and_a_cancelled_caller() -> None:
     async with server:
         await first_event_then_error(client, url, "timeout")
 
+    received = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
+        received.set()
         await asyncio.sleep(5)
 
     server, url = await serve(silent)
     async with server:
         pending = asyncio.create_task(client.post(url, b"{}"))  # headers never come: the caller gives up
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(received.wait(), 30)  # ... while it waits for them, not while connecting
+        assert not pending.done()
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
@@ -314,8 +348,9 @@ async def test_silence_mid_stream_and_a_cancelled_caller() -> None:
 
 
 async def test_https_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
+    # the openssl command (Debian's openssl package, on every Debian/Ubuntu and in the python images) makes
+    # the certificate; without it this fails rather than skips: the https path would go untested
+    assert shutil.which("openssl"), "the openssl command is not installed: apt-get install openssl"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
@@ -341,15 +376,21 @@ async def test_https_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(client: UpstreamClient) -> None:
+    released = asyncio.Event()
+
     async def events_then_end(writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + chunk(b"data: 1\n\ndata: [DONE]\n\n"))
         await writer.drain()
-        await asyncio.sleep(0.1)  # the end of the HTTP message comes later than the last event
+        await released.wait()  # the end of the HTTP message comes after the caller let go of the stream
+        released.clear()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
     connections: list[int] = []
     handler = kept_alive(events_then_end, connections)
+
+    def idle() -> int:
+        return sum(len(pool.idle) for pool in client._pools.values())
 
     server, url = await serve(handler)
     async with server:
@@ -358,5 +399,7 @@ async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(client:
             batches = resp.events()
             assert await anext(batches) == [b"1", b"[DONE]"]
             resp.release_at_end()  # not waiting for the message's end
-            await asyncio.sleep(0.2)
+            assert idle() == 0  # the message has not ended: the connection is not back yet
+            released.set()
+            await until(lambda: idle() == 1, "the connection to go back to the pool at the message's end")
         assert len(connections) == 1  # the connection was reused once its message had ended

@@ -291,6 +291,7 @@ def _from_gguf(dst: Path) -> None:
 def prepare_smollm2(dst: Path, *, try_hub: bool = True) -> Path:
     """Put SmolLM2-135M-Instruct into ``dst`` (hub snapshot if reachable, else converted from GGUF)."""
     dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)  # the download and the conversion work beside dst
     hub_note = "hub not tried"
     if try_hub:
         if _hub_reachable():

@@ -107,16 +107,18 @@ def rate_many_users(live: LiveGateway, users: int) -> dict[str, list[bool]]:
     return votes
 
 
-def under_load(
-    live: LiveGateway, action: Callable[[], T], settle_s: float = 2.0, after_s: float = 4.0
-) -> tuple[T, float, Load]:
+AFTER = 8  # requests that must start after the switch and finish before the load stops
+
+
+def under_load(live: LiveGateway, action: Callable[[], T]) -> tuple[T, float, Load]:
     """Run `action()` while 4 workers send streaming and non-streaming requests; returns its result, the time it
-    returned and the load."""
+    returned and the load. Waits on conditions, not fixed sleeps: the load is under way before the action (some
+    requests done, others in flight), and AFTER requests that started after it have finished before it stops."""
     with Load(live, ALIAS, workers=4) as load:
-        time.sleep(settle_s)
+        load.wait_for(4, started_after=0)
         result = action()
         done = time.monotonic()
-        time.sleep(after_s)
+        load.wait_for(AFTER, started_after=done)
     return result, done, load
 
 
@@ -126,7 +128,7 @@ def check_load(load: Load, done: float, expected: str) -> list[Outcome]:
     assert failed == [], failed[:3]
     assert {o.stream for o in load.outcomes} == {True, False}
     after = [o for o in load.outcomes if o.started > done]
-    assert len(after) >= 4, f"only {len(after)} requests started after the switch"
+    assert len(after) >= AFTER, f"only {len(after)} requests started after the switch"
     wrong = [(o.text, o.stream) for o in after if o.text != expected]
     assert wrong == [], f"started after the switch but not answered by {expected}: {wrong}"
     return after
@@ -208,13 +210,11 @@ def test_canary_promote_and_rollback_under_load(
     }))  # fmt: skip
     monkeypatch.setenv("LORALOOP_ADMIN_KEY", ADMIN_KEY)
     capsys.readouterr()
-    t0 = time.monotonic()
+    # how long this takes is measured against a bare repoint in bench/rollback.py, not asserted here
     code = cli(["--config", str(config), "rollback", ALIAS, "--reason", "cli test"])
-    took = time.monotonic() - t0
     out = capsys.readouterr()
     assert code == 0, out
     assert out.out.strip() == f"{ALIAS} now serves {v1}"
-    assert took < 10, f"loraloop rollback took {took:.1f} s"
     assert reg.get(v1).status == "champion" and reg.get(v3).status == "rejected"
     last = reg.audit(ALIAS)[-1]
     assert last["actor"] == "operator" and "cli test" in last["reason"]

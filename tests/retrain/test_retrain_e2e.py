@@ -174,3 +174,20 @@ def test_a_quiet_night_is_a_clean_skip(
     assert last_watermark(settings, "support") is None  # the next night starts from the same place
     exported = Path(full["run_dir"]) / "data" / "manifest.json"
     assert json.loads(exported.read_text())["counts"] == {"sft": 12, "pairs": 8}  # support's rows only
+
+
+def test_retrain_in_a_log_file_writes_lines_not_bars(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """In cron or CI (output not a terminal) no progress bar draws carriage-return frames; the per-step loss
+    lines are the progress."""
+    import subprocess
+    import sys
+
+    write_feedback_store(tmp_path / "events", n=40)
+    argv = retrain_args(tmp_path, tiny_model_dir, "--set", "eval.skip_generation=true", "--set", "train.max_steps=4",
+                        "--set", "eval.primary_metric=neg_loss")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "deploy.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "\r" not in output
+    assert output.count("'loss':") >= 4 and "registered support-v1" in output

@@ -103,9 +103,27 @@ def test_layers_to_transform_and_layerwise_lr(tiny_model_dir: Path) -> None:
 
 def test_layerwise_lr_trains(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
     res = _train(tiny_model_dir, label_rows, tmp_path, "lw",
-                 train=TrainSection(max_steps=3, learning_rate=3e-3, batch_size=8, layer_lr_decay=0.8,
-                                    early_stopping_patience=1, eval_every_steps=1))  # fmt: skip
-    assert res.global_step <= 3 and res.hyperparams["layer_lr_decay"] == 0.8
+                 train=TrainSection(max_steps=3, learning_rate=3e-3, batch_size=8, layer_lr_decay=0.8))  # fmt: skip
+    assert res.global_step == 3 and res.hyperparams["layer_lr_decay"] == 0.8
+
+
+def test_early_stopping_stops_when_the_validation_loss_rises(
+    tiny_model_dir: Path, label_rows: Any, tmp_path: Path
+) -> None:
+    """Validation rows that contradict the training (each answer swapped): once the model learns the training's
+    mapping, the validation loss rises, and patience 1 stops at the first evaluation that is not better, keeping
+    the best one (measured: at step 11 of 40). Without early stopping the same run goes all 40 steps."""
+    swapped = [{**r, "completion": r["rejected"]} for r in label_rows["validation"]]
+    rows = {"train": label_rows["train"], "validation": swapped}
+    diverging = {"max_steps": 40, "learning_rate": 1e-2, "batch_size": 8, "eval_every_steps": 1}
+    stopped = _train(tiny_model_dir, rows, tmp_path, "es",
+                     train=TrainSection(**diverging, early_stopping_patience=1))  # fmt: skip
+    evals = [h["eval_loss"] for h in stopped.log_history if "eval_loss" in h]
+    first_worse = next(i for i in range(1, len(evals)) if evals[i] >= min(evals[:i]))
+    assert stopped.global_step == first_worse + 1 < 40, evals
+    assert stopped.best_eval_loss == pytest.approx(min(evals))
+    full = _train(tiny_model_dir, rows, tmp_path, "no-es", train=TrainSection(**diverging))
+    assert full.global_step == 40
 
 
 class _SeeModel:
@@ -122,7 +140,6 @@ class _SeeModel:
 
 
 def test_qlora_nf4_smoke(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
     seen = _SeeModel()
     res = _train(tiny_model_dir, {"train": label_rows["train"]}, tmp_path, "q",
                  model=ModelSection(base=str(tiny_model_dir), quantization="nf4"),
@@ -141,7 +158,6 @@ def test_dpo_smoke(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> Non
 
 
 def test_optuna_search_picks_best(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
-    pytest.importorskip("optuna")
     from retrain.search import run_search
 
     recipe = Recipe(
