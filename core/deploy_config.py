@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from core import paths
+from core.serving_config import http_urls
 
 
 class CanaryGuardrails(BaseModel):
@@ -63,10 +64,7 @@ class PromotionConfig(BaseModel):
     @field_validator("gateway_urls")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"gateway URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        return http_urls(urls, "gateway URL")
 
 
 class AliasCycle(BaseModel):

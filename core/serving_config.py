@@ -9,6 +9,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
+def http_urls(urls: list[str], what: str) -> list[str]:
+    """``urls`` without trailing slashes; ValueError naming ``what`` for one that is not http(s)."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{what} {url!r} must start with http:// or https://")
+    return [u.rstrip("/") for u in urls]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -109,10 +117,7 @@ class BackendsConfig(_Strict):
     @field_validator("urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"back-end URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        return http_urls(urls, "back-end URL")
 
     @model_validator(mode="after")
     def _remote_needs_urls(self) -> BackendsConfig:
