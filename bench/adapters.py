@@ -5,7 +5,8 @@
 2. throughput of a load mixing 4 adapters (4 aliases, one adapter each) against the same load on
    the base alone, same concurrency, rounds interleaved: prints the ratio.
 
-Run: `python bench/adapters.py`.
+Run: `python bench/adapters.py [--switches 10] [--rounds 3] [--concurrency 8] [--vllm-url URL]` (`--vllm-url`:
+a running vLLM server serving the tiny model with LoRA on and --max-loras >= 4, instead of the gateway's own).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ADMIN, KEY, free_port, gateway_process
+from bench.common import ADMIN, KEY, add_vllm_url, backends, gateway_process
 
 LABELS = ("alpha", "bravo", "charlie", "delta")
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
+    add_vllm_url(parser)
     args = parser.parse_args()
 
     from retrain.models.prepare import build_tiny
@@ -64,8 +66,7 @@ def main() -> None:
         settings = {
             "model": str(base), "adapter_root": str(tmp / "adapters"), "state_dir": str(tmp / "state"),
             "model_cache_dir": str(tmp / "cache"), "adapters": {label: {"path": label} for label in LABELS},
-            "backends": {"health_interval_s": 1.0,
-                         "managed": {"port": free_port(), "max_model_len": 512, "max_loras": 4}},
+            "backends": backends(args.vllm_url, max_model_len=512, max_loras=4),
             "aliases": {"base": {}, "switch": {"adapter": "alpha"}, **aliases},
         }  # fmt: skip
         with gateway_process(settings, tmp) as url:

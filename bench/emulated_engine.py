@@ -16,16 +16,19 @@ Run as a process: `python -m bench.emulated_engine PORT [STEP_SECONDS]` (default
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.standin_vllm import CHUNK, stream_end
 
 
@@ -114,4 +117,8 @@ def serve(port: int, step_s: float) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.02)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", type=int)
+    parser.add_argument("step_seconds", type=float, nargs="?", default=0.02, help="the engine's step time")
+    args = parser.parse_args()
+    serve(args.port, args.step_seconds)

@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import KEY, free_port, gateway_process, wait_healthy
+from bench.common import KEY, add_model, free_port, gateway_process, model_dir, pid_listening_on, wait_healthy
 
 
 async def load(url: str, model: str, concurrency: int, requests: int, tokens: int, pids: list[int]) -> list[float]:
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--step-ms", type=float, default=5.0, help="the stand-in's pause per token")
     parser.add_argument("--rounds", type=int, default=5)
+    add_model(parser)
     args = parser.parse_args()
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.standin_vllm", str(up_port), str(args.step_ms / 1000)],
@@ -61,13 +62,11 @@ def main() -> None:
         up_url = f"http://127.0.0.1:{up_port}"
         wait_healthy(up_url, upstream, "stand-in vLLM")
         with tempfile.TemporaryDirectory() as tmp:
-            from retrain.models.prepare import build_tiny
-
-            settings = {"model": str(build_tiny(Path(tmp) / "tiny")), "state_dir": str(Path(tmp) / "state"),
+            settings = {"model": model_dir(args.model, Path(tmp)), "state_dir": str(Path(tmp) / "state"),
                         "store": {"root": str(Path(tmp) / "events")}, "aliases": {"bench": {}},
                         "backends": {"mode": "remote", "urls": [up_url], "health_interval_s": 1}}  # fmt: skip
             with gateway_process(settings, Path(tmp)) as gw_url:
-                gw_pid = _pid_on(gw_url)
+                gw_pid = pid_listening_on(gw_url)
                 pids = [upstream.pid, gw_pid]
                 asyncio.run(load(gw_url, "bench", args.concurrency, args.concurrency, args.tokens, pids))  # warm-up
                 per_token, per_request, ratio = [], [], []
@@ -89,15 +88,6 @@ def main() -> None:
     finally:
         upstream.terminate()
         upstream.wait(10)
-
-
-def _pid_on(url: str) -> int:
-    """The pid of the process listening on the URL's port."""
-    port = int(url.rsplit(":", 1)[1])
-    for conn in psutil.net_connections("tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-            return conn.pid
-    raise SystemExit(f"no process listens on port {port}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Run: `python bench/hop_proxy.py PORT UPSTREAM_URL SERVED_MODEL`.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,15 @@ def make_app(upstream: str, model: str) -> Any:
 
 
 if __name__ == "__main__":
-    port, upstream, model = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", type=int)
+    parser.add_argument("upstream_url")
+    parser.add_argument("served_model", help="the model name the upstream serves (every request is sent to it)")
+    args = parser.parse_args()
     uvicorn.run(
-        make_app(upstream, model),
+        make_app(args.upstream_url, args.served_model),
         host="127.0.0.1",
-        port=port,
+        port=args.port,
         log_level="error",
         access_log=False,
         timeout_keep_alive=120,

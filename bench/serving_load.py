@@ -18,7 +18,8 @@ Design — every figure comes with the noise of its own run:
 
 The load generator is aiohttp (a C parser: it takes little CPU from vLLM and the gateway on a small
 machine) with one keep-alive session per arm, as a real client would hold.
-Run: `python bench/serving_load.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--relay] [--engine emulated]`.
+Run: `python bench/serving_load.py [--model smollm2|tiny|DIR] [--pin] [--hop] [--relay] [--no-logging]
+[--engine emulated] [--vllm-url URL]` (`--vllm-url`: a running vLLM server, serving `--model`, as `direct`).
 
 On a small host the gateway, vLLM's processes and the load generator share the same cores, so every
 CPU-second the gateway spends is taken from vLLM. `--pin` separates them the way a GPU host does
@@ -47,7 +48,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import KEY, free_port, gateway_process, wait_healthy
+from bench.common import KEY, add_vllm_url, free_port, gateway_process, model_dir, wait_healthy
 
 
 @dataclass
@@ -185,7 +186,8 @@ def emulated_engine(step_ms: float, pin: bool) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default, the embedded model), tiny or a dir")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (default, the embedded model), tiny or a dir; "
+                        "with --engine emulated only a dir counts (as the gateway's), else tiny is built")  # fmt: skip
     parser.add_argument("--engine", choices=("vllm", "emulated"), default="vllm",
                         help="emulated: bench/emulated_engine.py in place of vLLM (a GPU host's shape)")  # fmt: skip
     parser.add_argument("--step-ms", type=float, default=20.0, help="the emulated engine's step time")
@@ -199,7 +201,10 @@ def main() -> None:
                         help="vLLM (or emulated engine) on CPU 0; gateway, hop, load generator on CPU 1")  # fmt: skip
     parser.add_argument("--hop", action="store_true", help="add the bare-proxy arm (bench/hop_proxy.py)")
     parser.add_argument("--relay", action="store_true", help="add the TCP-relay arm (bench/tcp_relay.py)")
+    add_vllm_url(parser)
     args = parser.parse_args()
+    if args.vllm_url and args.engine == "emulated":
+        parser.error("--vllm-url and --engine emulated both name the engine: give one")
     cache = Path("~/.cache/loraloop/models").expanduser()
     os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "120")  # see compare(): longer than the client's
     if args.pin and len(os.sched_getaffinity(0)) < 2:
@@ -208,10 +213,11 @@ def main() -> None:
         settings = {"model": args.model, "model_cache_dir": str(cache), "aliases": {"bench": {}},
                     "store": {"enabled": not args.no_logging, "root": str(Path(tmp) / "events")}}  # fmt: skip
         if args.engine == "emulated":
-            from retrain.models.prepare import build_tiny
-
             direct = stack.enter_context(emulated_engine(args.step_ms, args.pin))
-            settings["model"] = str(build_tiny(Path(tmp) / "tiny"))
+            settings["model"] = model_dir(args.model if Path(args.model).is_dir() else None, Path(tmp))
+            settings["backends"] = {"mode": "remote", "urls": [direct], "health_interval_s": 1}
+        elif args.vllm_url:  # someone else's vLLM: --pin can place only this side
+            direct = args.vllm_url.rstrip("/")
             settings["backends"] = {"mode": "remote", "urls": [direct], "health_interval_s": 1}
         elif args.pin:
             direct = stack.enter_context(pinned_vllm(args.model, cache, Path(tmp) / "vllm.log"))

@@ -5,8 +5,8 @@ Run as a process: `python -m bench.standin_vllm PORT [STEP_SECONDS]`."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,4 +63,8 @@ def serve(port: int, step_s: float) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.005)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", type=int)
+    parser.add_argument("step_seconds", type=float, nargs="?", default=0.005, help="pause per token")
+    args = parser.parse_args()
+    serve(args.port, args.step_seconds)

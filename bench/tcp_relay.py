@@ -9,8 +9,8 @@ Run: `python bench/tcp_relay.py PORT UPSTREAM_HOST UPSTREAM_PORT`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 from typing import cast
 
 import uvloop
@@ -74,4 +74,9 @@ async def serve(port: int, host: str, upstream_port: int) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("port", type=int)
+    parser.add_argument("upstream_host")
+    parser.add_argument("upstream_port", type=int)
+    args = parser.parse_args()
+    uvloop.run(serve(args.port, args.upstream_host, args.upstream_port))
