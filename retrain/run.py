@@ -31,7 +31,7 @@ from retrain.data import NotEnoughData, PreparedData, prepare
 from retrain.evaluate import GateResult, evaluate
 from retrain.modelcard import write_model_card
 from retrain.recipe import Recipe, base_revision, load_recipe
-from retrain.train import TrainResult, train_adapter
+from retrain.train import TrainResult, library_bars_unless_terminal, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def run_recipe(
     """Run a recipe for ``alias`` end to end (see the module docs). ``resume``: the id of an earlier run of
     the same alias, continued from its last checkpoint with its recipe and exported data. ``store_root`` and
     ``export_lag_s`` are the settings' (the recipe's ``data`` section may override them)."""
+    library_bars_unless_terminal()  # loading, tokenizing, training and the gate: lines in a log, not frames
     run = RetrainRun.start(recipe_path, alias=alias, since=since, resume=resume, store_root=store_root,
                            export_lag_s=export_lag_s, registry=registry, max_lora_rank=max_lora_rank, actor=actor,
                            overrides=overrides, callbacks=callbacks, echo=echo)  # fmt: skip

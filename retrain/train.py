@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from core.progress import is_terminal
 from retrain.recipe import LoraSection, ModelSection, TrainSection
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,21 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def library_bars_unless_terminal() -> None:
+    """transformers, datasets and the hub draw tqdm bars (loading weights, tokenizing, the Trainer's steps):
+    carriage-return frames that pile up in a cron mail, a CI log or `kubectl logs`. Off unless stderr is a
+    terminal; the Trainer's per-step loss lines remain the progress there."""
+    if is_terminal(sys.stderr):
+        return
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def load_base(model_cfg: ModelSection) -> tuple[Any, Any]:
@@ -258,6 +275,7 @@ def _training_args(
         "save_strategy": save_strategy,
         "save_total_limit": 3,
         "report_to": list(report_to),
+        "disable_tqdm": not is_terminal(sys.stderr),  # see library_bars_unless_terminal
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": _has_cuda(),  # pinning needs an accelerator
         "max_length": train.max_length,
@@ -457,6 +475,7 @@ def train_adapter(
     from transformers import EarlyStoppingCallback, set_seed
 
     started = time.monotonic()
+    library_bars_unless_terminal()
     work_dir.mkdir(parents=True, exist_ok=True)
     epochs = train.epochs if epochs is None else epochs
     cols = ["prompt", "completion"] if train.method == "sft" else ["prompt", "chosen", "rejected"]
