@@ -24,7 +24,8 @@ def test_demo_loop_promotes_a_better_adapter(
     tmp_path: Path, live_gateway: LiveGateway, capfd: pytest.CaptureFixture[str]
 ) -> None:
     result = run_demo(short(tmp_path, live_gateway, alias="reviews"))
-    progress = capfd.readouterr().err  # not a terminal: whole lines, no carriage-return frames
+    out, progress = capfd.readouterr()  # stderr is not a terminal: whole lines, no carriage-return frames
+    print(out)  # the demo's own story, for a failure's report
     assert "\r" not in progress and "baseline traffic: 96/96 req (100%)" in progress
     assert result.before_rate < 0.2
     assert result.promoted is not None and result.promoted.startswith("reviews-v")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from retrain.recipe import load_recipe
 from serving.registry_metrics import RegistryCollector
 from tests.deploy.test_controller_decisions import (
     EXP,
-    NOW,
     ArmPlan,
     FakeFleet,
     record,
@@ -323,7 +322,8 @@ def test_a_timed_out_canary_is_not_a_rollback(tmp_path: Path, fleets: Fleets) ->
     ctl = PromotionController(reg, FakeFleet(root, {"x": "x-v1"}), root, PromotionConfig(ramp=[0.5]))
     ctl.start_canary("x-v2")
     record(root, {"champion": ArmPlan(200, 100, 0.5), "candidate": ArmPlan(200, 100, 0.5)}, create=False)
-    result = run_cycle(make_settings(tmp_path, {}), now=NOW + timedelta(days=4))  # past max_duration_h (72)
+    # the canary started now (real time): four days on is past max_duration_h (72), whatever the time of day
+    result = run_cycle(make_settings(tmp_path, {}), now=datetime.now(UTC) + timedelta(days=4))
     assert [a.kind for a in result.actions["x"]] == ["timeout"], result
     assert reg.get("x-v2").status == "retired" and reg.get("x-v1").status == "champion"  # no verdict against it
     prom = CollectorRegistry()
