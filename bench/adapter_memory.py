@@ -3,8 +3,9 @@
 Starts the gateway with a managed vLLM (tiny model), then N times registers an adapter (vLLM load)
 and unregisters it (vLLM unload), sampling the resident memory (RSS and USS) of the whole vLLM
 process family after each cycle. Prints the growth per cycle from a least-squares fit.
-Run: `python bench/adapter_memory.py [--cycles 50] [--distinct] [--vllm-url URL]` (`--vllm-url`: a running
-vLLM server on this host, serving the tiny model with LoRA on, instead of the gateway's own).
+Run: `python bench/adapter_memory.py [--cycles 50] [--distinct] [--model DIR] [--vllm-url URL]` (`--model`: the
+tiny model already built; `--vllm-url`: a running vLLM server on this host, serving it with LoRA on, instead of
+the gateway's own).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ADMIN, KEY, add_vllm_url, backends, gateway_process, pid_listening_on
+from bench.common import ADMIN, KEY, add_model, add_vllm_url, backends, gateway_process, model_dir, pid_listening_on
 
 
 def family_memory(processes: list[psutil.Process]) -> tuple[float, float]:
@@ -40,16 +41,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--distinct", action="store_true", help="a new adapter name every cycle")
+    add_model(parser)
     add_vllm_url(parser)
     args = parser.parse_args()
 
-    from retrain.models.prepare import build_tiny
     from tests.adapter_factory import make_label_adapter
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        base = build_tiny(tmp / "tiny")
-        make_label_adapter(base, tmp / "adapters" / "cycler", "alpha", rank=16, steps=5)
+        base = model_dir(args.model, tmp)
+        make_label_adapter(Path(base), tmp / "adapters" / "cycler", "alpha", rank=16, steps=5)
         settings = {
             "model": str(base), "adapter_root": str(tmp / "adapters"), "state_dir": str(tmp / "state"),
             "model_cache_dir": str(tmp / "cache"), "aliases": {"base": {}},

@@ -9,6 +9,7 @@ the recipe the demo would train with is loaded and checked instead."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -70,10 +71,15 @@ def test_default_demo_path_runs_on_smollm2(tmp_path: Path) -> None:
     con = StoreReader(work / "events").connect()
     try:
         served = con.execute("SELECT count(*) FROM requests WHERE alias = 'reviews' AND status = 200").fetchone()
+        answers = [r[0] for r in con.execute("SELECT completion FROM requests WHERE alias = 'reviews'").fetchall()]
         thumbs = con.execute("SELECT count(*) FROM feedback WHERE kind = 'thumbs' AND matched").fetchone()
     finally:
         con.close()
     assert served == (cfg.holdout * 2 + cfg.baseline_requests,) and thumbs == (cfg.baseline_requests,)
+    # real SmolLM2 weights, served right: its answers take up the question's words ("The verdict is positive.
+    # The", measured), which random or mis-loaded weights never write
+    echoing = [a for a in answers if re.search(r"\b(verdict|review)\b", a or "", re.IGNORECASE)]
+    assert len(echoing) >= 0.9 * len(answers), answers
     # the cycle ran on that store and found too little to train on
     status = json.loads((work / "cycle" / "last_cycle.json").read_text())
     assert not status.get("failed"), status

@@ -1,10 +1,14 @@
-"""`loraloop serve` as a real process: its managed vLLM is restarted after being killed, and shutdown
-leaves no vLLM process behind."""
+"""`loraloop serve` as a real process: its managed vLLM, killed, is restarted with its adapters — the gateway
+loads every adapter in use (configured or registered at runtime) into the new vLLM before it takes traffic
+again (docs/serving.md, "Back-ends"; serving/adapters.py, the join hook) — and shutdown leaves no vLLM process
+behind. One process, one restart: a second server for the adapter side would cost another vLLM start."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +20,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import API_KEY, free_port
+from tests.conftest import ADMIN_KEY, API_KEY, free_port
+from tests.live_helpers import metric_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,18 +46,41 @@ def vllm_children(gateway: psutil.Process) -> list[psutil.Process]:
     return [p for p in gateway.children(recursive=True) if "vllm.entrypoints" in " ".join(p.cmdline())]
 
 
-def test_restart_after_kill_and_clean_shutdown(tiny_model_dir: Path, tmp_path: Path) -> None:
+def ask(url: str, alias: str, stream: bool) -> tuple[int, str, str]:
+    """(status, answer, x-loraloop-adapter) of one greedy chat request."""
+    body = {"model": alias, "messages": [{"role": "user", "content": "Label this."}], "stream": stream,
+            "temperature": 0.0, "max_tokens": 8}  # fmt: skip
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60)  # fmt: skip
+    if resp.status_code != 200:
+        return resp.status_code, resp.text, ""
+    if not stream:
+        return 200, resp.json()["choices"][0]["message"]["content"], resp.headers["x-loraloop-adapter"]
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch.get("choices"))
+    return 200, text, resp.headers["x-loraloop-adapter"]
+
+
+def test_restart_after_kill_with_adapters_and_clean_shutdown(
+    tiny_model_dir: Path, label_adapters: Path, tmp_path: Path
+) -> None:
     port, vllm_port = free_port(), free_port()
+    root = tmp_path / "adapters"
+    shutil.copytree(label_adapters / "alpha", root / "alpha")
+    shutil.copytree(label_adapters / "bravo", root / "restart-bravo")
     cfg = tmp_path / "loraloop.yaml"
     cfg.write_text(yaml.safe_dump({
         "model": str(tiny_model_dir),
         "model_cache_dir": str(tmp_path / "cache"),
+        "adapter_root": str(root),
+        "state_dir": str(tmp_path / "state"),
         "port": port,
         "backends": {"health_interval_s": 1.0, "managed": {"port": vllm_port, "max_model_len": 512,
                                                             "restart_backoff_s": 0.5}},
-        "aliases": {"tiny": {}},
+        "adapters": {"alpha": {"path": "alpha"}},
+        "aliases": {"tiny": {}, "labeler": {"adapter": "alpha"}, "ab": {"adapter": "alpha"}},
     }))  # fmt: skip
-    env = {**os.environ, "LORALOOP_API_KEY": API_KEY}
+    env = {**os.environ, "LORALOOP_API_KEY": API_KEY, "LORALOOP_ADMIN_KEY": ADMIN_KEY}
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "--config", str(cfg), "serve"], env=env, stdout=log, stderr=log
@@ -65,22 +93,39 @@ def test_restart_after_kill_and_clean_shutdown(tiny_model_dir: Path, tmp_path: P
         first = vllm_children(gateway)
         assert len(first) == 1
         family += [first[0], *first[0].children(recursive=True)]
+        # besides the configured adapter, one registered at runtime and an alias repointed to it
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        reg = httpx.post(f"{url}/admin/adapters", json={"name": "restart-bravo", "path": "restart-bravo"},
+                         headers=admin, timeout=120)  # fmt: skip
+        assert reg.status_code in (200, 201), reg.text
+        point = httpx.put(f"{url}/admin/aliases/ab", json={"adapter": "restart-bravo"}, headers=admin, timeout=60)
+        assert point.status_code == 200, point.text
+        expected = {"labeler": ("alpha", "alpha"), "ab": ("bravo", "restart-bravo")}
+        for alias, (text, adapter) in expected.items():
+            assert ask(url, alias, False) == (200, text, adapter)
 
         first[0].send_signal(signal.SIGKILL)
         wait_for(lambda: not healthy(url), 30, "the gateway to notice the dead back-end")
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        down = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
-        assert down.status_code == 503 and down.json()["error"]["code"] == "backend_unavailable"
+        down = ask(url, "tiny", False)
+        assert down[0] == 503 and json.loads(down[1])["error"]["code"] == "backend_unavailable", down
 
         wait_for(lambda: healthy(url), 600, "the restarted vLLM")
+        # the very first requests after /health turned 200 already get the adapters' answers: they were
+        # loaded before the back-end took traffic
+        answers = {(alias, stream): ask(url, alias, stream) for alias in expected for stream in (False, True)}
         second = vllm_children(gateway)
         assert len(second) == 1 and second[0].pid != first[0].pid
         family += [second[0], *second[0].children(recursive=True)]
-        ok = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
-        assert ok.status_code == 200, ok.text
+        for (alias, stream), got in answers.items():
+            assert got == (200, *expected[alias]), (alias, stream, got)
+        assert ask(url, "tiny", False)[0] == 200
+        loaded = {m["id"] for m in httpx.get(f"http://127.0.0.1:{vllm_port}/v1/models", timeout=30).json()["data"]}
+        assert {"alpha", "restart-bravo"} <= loaded, loaded
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
-        assert f'loraloop_backend_restarts_total{{backend="http://127.0.0.1:{vllm_port}"}} 1.0' in metrics
+        backend = f"http://127.0.0.1:{vllm_port}"
+        assert metric_value(metrics, "loraloop_backend_restarts_total", backend=backend) == 1.0
+        assert metric_value(metrics, "loraloop_backend_up", backend=backend) == 1.0
+        assert metric_value(metrics, "loraloop_adapters_loaded", backend=backend) == len(loaded - {"base"})
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -1,4 +1,8 @@
-"""The embedded default: the smollm2 preset is prepared without a hub and answers a chat request."""
+"""The embedded default: the smollm2 preset is prepared without a hub and answers a chat request.
+
+Marked `smollm2` (not in the default run: about 90 s for one vLLM start on SmolLM2): the default run covers the
+same path in tests/test_demo_default.py, which prepares the preset, serves it on a managed vLLM and checks that
+its answers are SmolLM2's. Run it with `pytest -m smollm2 tests/test_smollm2_live.py`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 from retrain.models.prepare import prepare_model
 from tests.conftest import live_settings, start_gateway
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.smollm2]
 
 
 def test_smollm2_preset_serves_real_answers(tmp_path: Path) -> None:
