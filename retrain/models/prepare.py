@@ -276,7 +276,7 @@ def _from_gguf(dst: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)  # fmt: skip
         # The GGUF weights are dequantised on load; save them as plain float32 tensors.
-        model.hf_quantizer = None  # type: ignore[assignment]
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         if not tokenizer.chat_template:
