@@ -57,6 +57,7 @@ def blocks(preset: str, port: int, vllm_port: int) -> list[tuple[str, str]]:
         if preset == "tiny":
             code = code.replace("max_steps: 60", "max_steps: 300")
         code = code.replace("8000", str(port)).replace("port: 8100", f"port: {vllm_port}")
+        code = code.replace("127.0.0.1:8100", f"127.0.0.1:{vllm_port}")
         found.append((kind, code))
     return found
 
