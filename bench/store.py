@@ -118,7 +118,8 @@ def generate(root: Path, events: int, *, days: int = 14, users: int = 200_000, f
                        CASE WHEN (i % {users}) % 2 = 0 THEN 'control' ELSE 'lora' END AS arm,
                        CASE WHEN (i % {users}) % 2 = 0 THEN NULL ELSE 'bench-lora' END AS adapter,
                        'user-' || (i % {users}) AS "user", NULL::JSON AS messages, NULL AS prompt,
-                       NULL AS completion, false AS text_logged, '{{}}'::JSON AS params, 12 AS prompt_tokens,
+                       NULL AS completion, NULL::JSON AS choices, NULL::JSON AS tools, NULL::JSON AS tool_choice,
+                       NULL::JSON AS response_format, false AS text_logged, '{{}}'::JSON AS params, 12 AS prompt_tokens,
                        40 AS completion_tokens, 50 + random() * 400 AS latency_ms, 10 + random() * 50 AS ttft_ms,
                        CASE WHEN random() < 0.01 THEN 500 ELSE 200 END AS status, NULL AS error, true AS stream,
                        'stop' AS finish_reason, 'synthetic' AS replica, 'synthetic' AS writer,
@@ -137,7 +138,7 @@ def generate(root: Path, events: int, *, days: int = 14, users: int = 200_000, f
                        CASE WHEN unresolved THEN NULL WHEN ctl THEN 'control' ELSE 'lora' END AS arm,
                        CASE WHEN unresolved OR ctl THEN NULL ELSE 'bench-lora' END AS adapter
                 FROM (
-                    SELECT *, 'fb-' || j AS feedback_id, 'req-' || r AS request_id,
+                    SELECT *, 'fb-' || j AS feedback_id, 'req-' || r AS request_id, NULL::INTEGER AS choice_index,
                            getvariable('start') + to_microseconds((r * {span_us // n_req} + 60000000)::BIGINT) AS ts,
                            ts AS logged_at,
                            CASE WHEN j // 2 % 10 < 8 THEN 'thumbs' WHEN j // 2 % 10 = 8 THEN 'copy'

@@ -41,6 +41,25 @@ class _Event(BaseModel):
         return _as_utc(value)
 
 
+class ToolCallLog(BaseModel):
+    """One tool call the model made, as it wrote it (``arguments`` is its JSON text, valid or not)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, description="The call's id, when the back-end gave one.")
+    name: str = Field(description="The function called.")
+    arguments: str = Field(default="", description="The arguments as the model wrote them (JSON text).")
+
+
+class ChoiceLog(BaseModel):
+    """One choice of a response (``n`` > 1 gives several)."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0, le=_INT32, description="The choice's index.")
+    text: str | None = Field(default=None, description="Its text (what was streamed before a cut-off).")
+    finish_reason: str | None = Field(default=None, description="`stop`, `length`, `tool_calls`, ...")
+    tool_calls: list[ToolCallLog] = Field(default_factory=list, description="Its tool calls, streamed ones joined.")
+
+
 class RequestEvent(_Event):
     """One completed (or failed, or cut-off) generation request, logged once when it ends."""
 
@@ -54,6 +73,12 @@ class RequestEvent(_Event):
     messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages as sent to the model.")
     prompt: str | None = Field(default=None, description="Prompt of a completions request.")
     completion: str | None = Field(default=None, description="Generated text (what was streamed before a cut-off).")
+    choices: list[ChoiceLog] | None = Field(
+        default=None, description="Every choice: text, finish reason, tool calls (`completion` is choice 0's text)."
+    )
+    tools: list[dict[str, Any]] | None = Field(default=None, description="The `tools` the request offered.")
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description="The request's `tool_choice`.")
+    response_format: dict[str, Any] | None = Field(default=None, description="The request's `response_format`.")
     params: dict[str, Any] = Field(default_factory=dict, description="Sampling parameters actually used.")
     prompt_tokens: int | None = Field(default=None, ge=0, le=_INT32, description="Prompt length in tokens.")
     completion_tokens: int | None = Field(default=None, ge=0, le=_INT32, description="Completion length in tokens.")
@@ -75,6 +100,9 @@ class FeedbackEvent(_Event):
 
     feedback_id: str = Field(default_factory=new_id, min_length=1, description="Client-supplied or generated.")
     request_id: str = Field(min_length=1, description="Request the feedback is about (may not be logged yet).")
+    choice_index: int | None = Field(
+        default=None, ge=0, le=_INT32, description="The choice of an `n` > 1 response it is about; None = choice 0."
+    )
     kind: FeedbackKind = Field(description="What sort of feedback this is.")
     value: float | str | bool | None = Field(default=None, description="The feedback itself, see the class docs.")
     user: str | None = Field(default=None, description="Who gave it.")

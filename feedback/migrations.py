@@ -8,7 +8,9 @@
   its resolved alias/experiment/arm/adapter, assignment and adapter-change rows have no
   ``event_id``, feedback ``value`` is VARCHAR (holding JSON text), and WAL lines name their table
   in ``"table"`` instead of ``"_t"``.
-* **2** — the current layout (feedback/schema.py).
+* **2** — requests without ``choices``/``tools``/``tool_choice``/``response_format``, feedback without
+  ``choice_index``.
+* **3** — the current layout (feedback/schema.py).
 
 A writer upgrades the store when it starts (under the root lock ``<root>/.store.lock``); readers
 refuse a store whose version they do not know, with a one-line message.
@@ -154,7 +156,42 @@ def migrate_1_to_2(root: Path) -> None:
         con.close()
 
 
-MIGRATIONS: dict[int, Callable[[Path], None]] = {1: migrate_1_to_2}
+# --- 2 -> 3 ---------------------------------------------------------------------------------------
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, path: Path, table: str, writer: str) -> bool:
+    """Rewrite one segment with the columns it lacks (NULL); False when it has them all already."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _m AS SELECT * FROM read_parquet({sql_str(str(path))})")
+    existing = {str(r[0]) for r in con.execute("DESCRIBE _m").fetchall()}
+    missing = [c for c in TABLES[table].columns if c.name not in existing]
+    if not missing:
+        con.execute("DROP TABLE _m")
+        return False  # already upgraded (an interrupted migration is being resumed)
+    for col in missing:
+        con.execute(f'ALTER TABLE _m ADD COLUMN "{col.name}" {col.type}')
+    columns = ", ".join(f'"{c.name}"' for c in TABLES[table].columns)
+    write_parquet(con, f"SELECT {columns} FROM _m", path, compression="zstd", fsync=True)
+    con.execute("DROP TABLE _m")
+    return True
+
+
+def migrate_2_to_3(root: Path) -> None:
+    """Add the v3 columns (every choice, tools, response format; feedback's choice index) to every segment;
+    WAL lines need nothing (a field a line lacks reads as NULL)."""
+    con = new_connection()
+    try:
+        upgraded = 0
+        for seg in list_segments(root):
+            if seg.table in ("requests", "feedback"):
+                upgraded += _add_missing_columns(con, seg.path, seg.table, seg.writer)
+        for d in {s.path.parent for s in list_segments(root)}:
+            fsync_dir(d)
+        log.warning("upgraded %d segments of %s", upgraded, root)
+    finally:
+        con.close()
+
+
+MIGRATIONS: dict[int, Callable[[Path], None]] = {1: migrate_1_to_2, 2: migrate_2_to_3}
 
 
 def remove_temp_files(directory: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Version of the on-disk layout written by this code; see feedback/migrations.py.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,10 @@ REQUESTS = Table(
         Column("messages", "JSON"),
         Column("prompt", "VARCHAR"),
         Column("completion", "VARCHAR"),
+        Column("choices", "JSON"),
+        Column("tools", "JSON"),
+        Column("tool_choice", "JSON"),
+        Column("response_format", "JSON"),
         Column("text_logged", "BOOLEAN", "coalesce(text_logged, true)"),
         Column("params", "JSON"),
         Column("prompt_tokens", "INTEGER"),
@@ -106,6 +110,7 @@ FEEDBACK = Table(
     columns=(
         Column("feedback_id", "VARCHAR"),
         Column("request_id", "VARCHAR"),
+        Column("choice_index", "INTEGER"),
         Column("ts", TS),
         Column("logged_at", TS),
         Column("kind", "VARCHAR"),

@@ -241,6 +241,10 @@ class EventStore:
 
     # --- feedback ----------------------------------------------------------------------------------
 
+    def served_choices(self, request_id: str) -> int | None:
+        """How many choices a request this writer served recently returned (None when unknown here)."""
+        return self._recent.choices(request_id)
+
     def served_alias(self, request_id: str) -> str | None:
         """The alias of a request this writer served recently (None when unknown here)."""
         served = self._recent.get(request_id)

@@ -22,6 +22,7 @@ class RecentRequests:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._map: dict[str, Served] = {}
+        self._choices: dict[str, int] = {}  # how many choices each one returned
 
     def add(self, event: RequestEvent) -> None:
         """Remember what served ``event`` (amortised O(1); old entries are dropped in bulk)."""
@@ -29,12 +30,18 @@ class RecentRequests:
             return
         m = self._map
         m[event.request_id] = (event.alias, event.experiment_id, event.arm, event.adapter)
+        self._choices[event.request_id] = len(event.choices) if event.choices else 1
         if len(m) > 2 * self.capacity:
             self._map = dict(list(m.items())[-self.capacity :])
+            self._choices = {k: self._choices.get(k, 1) for k in self._map}
 
     def get(self, request_id: str) -> Served | None:
         """What served ``request_id``, if it was submitted here recently."""
         return self._map.get(request_id)
+
+    def choices(self, request_id: str) -> int | None:
+        """How many choices ``request_id`` returned, if it was submitted here recently."""
+        return self._choices.get(request_id)
 
 
 class FeedbackIndex:

@@ -22,7 +22,8 @@ from feedback.events import AdapterChangeEvent, AssignmentEvent, FeedbackEvent, 
 WRITER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _WAL = re.compile(r"^wal-(\d{12})\.jsonl$")
 _SEGMENT = re.compile(r"^([a-z_]+)-(\d{12})\.parquet$")
-TEXT_FIELDS = frozenset({"messages", "prompt", "completion"})
+# what an alias's privacy switch (log_text: false) keeps out of the store: everything a request or its answers say
+TEXT_FIELDS = frozenset({"messages", "prompt", "completion", "choices", "tools", "tool_choice", "response_format"})
 
 TABLE_OF: dict[type, str] = {
     RequestEvent: "requests",

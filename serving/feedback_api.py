@@ -28,7 +28,7 @@ from feedback.store import EventStore, StoreError
 
 from .dependencies import ApiKey, SettingsDep, StoreDep
 from .errors import OpenAIError
-from .records import RequestRecord
+from .records import RequestRecord, logged_messages
 
 router = APIRouter()
 
@@ -38,6 +38,7 @@ FEEDBACK_EXAMPLES: list[JsonValue] = [
     {"request_id": "chatcmpl-7d2f0c9e8b1a4e7c9f3a2b1c0d9e8f7a", "kind": "correction", "value": "billing",
      "user": "u-1842", "metadata": {"task": "routing"}, "feedback_id": "ticket-99812-fix"},
     {"request_id": "cmpl-0a1b2c3d4e5f60718293a4b5c6d7e8f9", "kind": "score", "value": 5, "source": "annotator"},
+    {"request_id": "chatcmpl-5e1d9a7c3b2f4e6a8c0d1f2e3a4b5c6d", "choice_index": 1, "kind": "thumbs", "value": True},
 ]  # fmt: skip
 
 #: Request fields kept as the event's sampling parameters.
@@ -55,6 +56,14 @@ SAMPLING_KEYS = (
     "top_logprobs",
     "top_k",
 )
+
+
+def _list_of_objects(value: Any) -> list[dict[str, Any]] | None:
+    """``value`` when it is a list of JSON objects (what `tools` must be), else None: an odd shape that vLLM
+    refused is not a reason to lose the request's log line."""
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return value
+    return None
 
 
 def request_event_observer(store: EventStore, settings: Settings) -> Callable[[RequestRecord], None]:
@@ -82,9 +91,13 @@ def request_event_observer(store: EventStore, settings: Settings) -> Callable[[R
             arm=arm.name if arm is not None else None,
             adapter=route.adapter,
             user=record.user,
-            messages=body.get("messages") if record.endpoint == "chat" else None,
+            messages=logged_messages(body.get("messages")) if record.endpoint == "chat" else None,
             prompt=body["prompt"] if isinstance(body.get("prompt"), str) else None,
             completion=record.completion_text if record.status == 200 or record.texts or record.stream_chunks else None,
+            choices=record.choice_logs() or None,
+            tools=_list_of_objects(body.get("tools")),
+            tool_choice=body.get("tool_choice") if isinstance(body.get("tool_choice"), str | dict) else None,
+            response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
             params={k: body[k] for k in SAMPLING_KEYS if k in body},
             prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens,
@@ -115,6 +128,10 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": FEEDBACK_EXAMPLES})
     request_id: str = Field(min_length=1, max_length=200, description="The completion `id` / x-request-id.")
+    choice_index: int | None = Field(
+        None, ge=0, le=1024, description="Which choice of an `n` > 1 response it is about (`choices[i].index`); "
+        "default: choice 0. Checked against the response when this gateway served it."
+    )  # fmt: skip
     kind: FeedbackKind = Field(
         description="`thumbs` and `score` rate the answer (the A/B reports count them); `correction` gives the "
         "answer that was wanted (a training row and a preference pair); `label` tags the request (slices); "
@@ -147,6 +164,7 @@ async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep
         event = FeedbackEvent(
             feedback_id=body.feedback_id or new_id(),
             request_id=body.request_id,
+            choice_index=body.choice_index,
             kind=body.kind,
             value=body.value,
             user=body.user,
@@ -155,6 +173,10 @@ async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc).splitlines()[-1].strip(), param="value", code="invalid_value") from None
+    served = store.served_choices(body.request_id)
+    if body.choice_index is not None and served is not None and body.choice_index >= served:
+        message = f"choice_index {body.choice_index} is out of range: the request returned {served} choice(s)"
+        raise OpenAIError(400, message, param="choice_index", code="invalid_value")
     alias = body.model or store.served_alias(body.request_id)
     log_text = settings.aliases[alias].log_text if alias in settings.aliases else True
     try:

@@ -21,7 +21,7 @@ from .adapters import AdapterManager
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .records import Endpoint, Observer, RequestRecord, Route
+from .records import Endpoint, Observer, RequestRecord, Route, take_choices
 from .streaming import (
     ChunkRewriter,
     GuardedStreamingResponse,
@@ -269,12 +269,7 @@ class OpenAIServing:
             raise OpenAIError(502, "the vLLM back-end answered with invalid JSON", code="backend_error") from exc
         drop_spec_nulls(data)
         self._take_usage(record, data.get("usage"))
-        for choice in data.get("choices") or []:
-            text = (
-                choice.get("text") if record.endpoint == "completions" else (choice.get("message") or {}).get("content")
-            )
-            record.add_text(choice.get("index", 0), text)
-            record.finish_reason = record.finish_reason or choice.get("finish_reason")
+        take_choices(record, data.get("choices"))
         self._finish(record, 200, None)
         await self._commit()
         return JSONResponse(data, headers=headers)

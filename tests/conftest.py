@@ -23,6 +23,9 @@ from tests.fake_vllm import build_fake_vllm, reset_fake_vllm, serve_in_thread
 API_KEY = "sk-live-test-key-42"
 ADMIN_KEY = "adm-live-test-key-42"
 REPO = Path(__file__).resolve().parent.parent
+# the session's vLLM parses tool calls (tests/test_request_log_live.py): `pythonic` needs no special tokens,
+# which the tiny model's tokenizer lacks; a named tool choice gives schema-constrained arguments
+TOOL_CALLING = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
 BASE_ALIASES: dict[str, Any] = {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}}
 
 
@@ -143,7 +146,7 @@ def start_gateway(settings: Settings, model_path: str | None, *, wait_healthy_s:
     return LiveGateway(g.app, g.settings, g.url, g.server, g.thread)
 
 
-def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:
+def live_settings(model_dir: Path, cache: Path, vllm_args: tuple[str, ...] = (), **extra: Any) -> Settings:
     values: dict[str, Any] = {
         "model": str(model_dir),
         "model_cache_dir": str(cache),
@@ -153,7 +156,12 @@ def live_settings(model_dir: Path, cache: Path, **extra: Any) -> Settings:
         "backends": {
             "mode": "managed",
             "health_interval_s": 1.0,
-            "managed": {"port": free_port(), "max_model_len": 1024, "startup_timeout_s": 600},
+            "managed": {
+                "port": free_port(),
+                "max_model_len": 1024,
+                "startup_timeout_s": 600,
+                "extra_args": list(vllm_args),
+            },
         },
         "aliases": BASE_ALIASES,
         "store": {"root": str(cache / "events"), "flush_interval_s": 0.02},
@@ -171,6 +179,7 @@ def live_gateway(
     settings = live_settings(
         tiny_model_dir,
         cache,
+        TOOL_CALLING,
         adapter_root=str(label_adapters),
         state_dir=str(cache / "state"),
         adapters={"alpha": {"path": "alpha"}, "bravo": {"path": "bravo"}},

@@ -13,26 +13,59 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from core.serving_config import AliasConfig
 from serving.app import GatewayApp
-from serving.records import RequestRecord, Route, stream_texts
+from serving.records import RequestRecord, Route, StreamPart, stream_parts
 from serving.streaming import SERVER_SEND, ChunkRewriter, GuardedStreamingResponse, LastChunk
 
 
-def test_stream_texts_of_chat_and_completion_chunks() -> None:
+def texts(parts: list[StreamPart]) -> list[tuple[int, str | None, str | None]]:
+    return [(p.index, p.text, p.finish_reason) for p in parts]
+
+
+def test_stream_parts_of_chat_and_completion_chunks() -> None:
     chat = (
         b'[{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]},'
         b'{"id":"x","choices":[{"index":0,"delta":{"content":"Hel"},"logprobs":null,"finish_reason":null}]},'
         b'{"id":"x","choices":[{"index":1,"delta":{"content":"lo \\u00e9"},"finish_reason":"stop"}]},'
         b'{"id":"x","choices":[],"usage":{"prompt_tokens":3}}]'
     )
-    assert stream_texts(chat, chat=True) == [(0, "", None), (0, "Hel", None), (1, "lo é", "stop")]
+    assert texts(stream_parts(chat, chat=True)) == [(0, "", None), (0, "Hel", None), (1, "lo é", "stop")]
     completion = b'[{"choices":[{"index":0,"text":" a","finish_reason":null}]},{"choices":null}]'
-    assert stream_texts(completion, chat=False) == [(0, " a", None)]
+    assert texts(stream_parts(completion, chat=False)) == [(0, " a", None)]
 
 
-def test_stream_texts_of_unexpected_shapes_falls_back_to_plain_json() -> None:
+def test_stream_parts_of_unexpected_shapes_falls_back_to_plain_json() -> None:
     odd = b'[{"choices":[{"index":"0","delta":{"content":[{"type":"text"}]},"finish_reason":7}]},' \
         b'{"choices":[{"delta":{"content":"ok"}}]}]'  # fmt: skip
-    assert stream_texts(odd, chat=True) == [(0, None, None), (0, "ok", None)]
+    assert texts(stream_parts(odd, chat=True)) == [(0, None, None), (0, "ok", None)]
+
+
+# vLLM's shape of a streamed tool call: the id and name first, the arguments in fragments after
+TOOL_STREAM = [
+    b'{"choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'
+    b'"function":{"name":"lookup_order","arguments":""}}]},"finish_reason":null}]}',
+    b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"order\\": "}}]}}]}',
+    b'{"choices":[{"index":1,"delta":{"content":"Sure"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\\"A-17\\"}"}},'
+    b'{"index":1,"id":"call_2","function":{"name":"escalate","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}',
+]
+
+
+def test_streamed_tool_calls_are_reassembled_per_choice() -> None:
+    record = _record("agent")
+    record.endpoint = "chat"
+    record.stream_chunks = list(TOOL_STREAM)
+    assert record.choice_logs() == [
+        {"index": 0, "text": None, "finish_reason": "tool_calls", "tool_calls": [
+            {"id": "call_1", "name": "lookup_order", "arguments": '{"order": "A-17"}'},
+            {"id": "call_2", "name": "escalate", "arguments": "{}"}]},
+        {"index": 1, "text": "Sure", "finish_reason": "stop", "tool_calls": []},
+    ]  # fmt: skip
+    assert record.finish_reason == "tool_calls"  # the request's own is choice 0's
+    lenient = _record("agent")
+    lenient.endpoint = "chat"
+    lenient.stream_chunks = [*TOOL_STREAM, b'{"choices":[{"index":0,"delta":{"content":7}}]}']  # odd: plain JSON
+    assert lenient.choice_logs() == record.choice_logs()
 
 
 def _record(alias: str) -> RequestRecord:

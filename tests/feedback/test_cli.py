@@ -86,8 +86,8 @@ def test_experiment_lifecycle_report_export_and_status(tmp_path: Path, capsys: p
 
     assert _run(tmp_path, "events", "status") == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["rows"]["requests"] == 20 and status["pending_feedback"] == 0 and status["schema_version"] == 2
+    assert status["rows"]["requests"] == 20 and status["pending_feedback"] == 0 and status["schema_version"] == 3
     assert _run(tmp_path, "events", "migrate") == 0
-    assert "schema 2 -> 2" in capsys.readouterr().out
+    assert "schema 3 -> 3" in capsys.readouterr().out
     assert _run(tmp_path, "experiments", "stop", "exp-cli") == 0
     assert ExperimentRepo(tmp_path).get("exp-cli").status == "stopped"

@@ -113,3 +113,41 @@ def test_new_store_records_its_version(tmp_path: Path):
     with EventStore(StoreConfig(root=tmp_path), "gw"):
         pass
     assert read_version(tmp_path) == SCHEMA_VERSION
+
+
+V3_COLUMNS = {"requests": ("choices", "tools", "tool_choice", "response_format"), "feedback": ("choice_index",)}
+
+
+def _write_v2_store(root: Path) -> None:
+    """A store as v2 wrote it: the current code's segments without the v3 columns, STORE.json saying 2."""
+    from feedback.events import FeedbackEvent, RequestEvent
+
+    with EventStore(StoreConfig(root=root), "v2-gw") as store:
+        for i in range(3):
+            store.submit(RequestEvent(request_id=f"r{i}", alias="a", endpoint="chat", latency_ms=1.0, status=200,
+                                      replica="v2-gw", completion=f"answer {i}"))  # fmt: skip
+        store.flush()
+        store.write_feedback(FeedbackEvent(request_id="r1", kind="thumbs", value=True))
+        store.seal()
+    con = duckdb.connect()
+    for seg in (root / "v2-gw").glob("*.parquet"):
+        table = seg.name.rsplit("-", 1)[0]
+        drop = ", ".join(f'"{c}"' for c in V3_COLUMNS.get(table, ()))
+        if drop:
+            con.execute(f"COPY (SELECT * EXCLUDE ({drop}) FROM read_parquet('{seg}')) TO '{seg}.v2' (FORMAT parquet)")
+            Path(f"{seg}.v2").replace(seg)
+    (root / STORE_FILE).write_text(json.dumps({"format": "loraloop-event-store", "schema_version": 2}))
+
+
+def test_v2_store_gets_the_v3_columns(tmp_path: Path) -> None:
+    _write_v2_store(tmp_path)
+    assert read_version(tmp_path) == 2
+    with pytest.raises(StoreVersionError, match="events migrate"):
+        StoreReader(tmp_path).connect()
+    assert ensure_current(tmp_path) == 2 and read_version(tmp_path) == SCHEMA_VERSION == 3
+    con = StoreReader(tmp_path).connect()
+    assert con.execute("SELECT request_id, completion, choices, tools FROM requests ORDER BY 1").fetchall() == [
+        (f"r{i}", f"answer {i}", None, None) for i in range(3)
+    ]
+    assert con.execute("SELECT request_id, choice_index, value_num FROM feedback").fetchall() == [("r1", None, 1.0)]
+    assert ensure_current(tmp_path) == SCHEMA_VERSION  # idempotent

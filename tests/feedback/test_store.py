@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from core.store_config import StoreConfig
-from feedback.events import AdapterChangeEvent, AssignmentEvent, FeedbackEvent
+from feedback.events import AdapterChangeEvent, AssignmentEvent, ChoiceLog, FeedbackEvent, ToolCallLog
 from feedback.reader import StoreReader
 from feedback.store import EventStore, StoreError
 from tests.feedback.conftest import make_request, metric
@@ -117,9 +117,14 @@ def test_feedback_before_its_request_is_pending_then_reconciled(config: StoreCon
 def test_privacy_switch_never_stores_text(store: EventStore, config: StoreConfig):
     secret = "my-credit-card-4111-1111"
     store.submit(
-        make_request("p", messages=[{"role": "user", "content": secret}], completion=secret + "!"),
+        make_request(
+            "p", messages=[{"role": "user", "content": secret}], completion=secret + "!",
+            choices=[ChoiceLog(index=0, text=secret, tool_calls=[ToolCallLog(name="pay", arguments=secret)])],
+            tools=[{"type": "function", "function": {"name": secret}}], tool_choice={"function": {"name": secret}},
+            response_format={"type": "json_schema", "json_schema": {"name": secret}},
+        ),
         log_text=False,
-    )
+    )  # fmt: skip
     store.submit(make_request("q"))
     store.write_feedback(FeedbackEvent(request_id="rp", kind="correction", value=secret), log_text=False)
     store.flush()
@@ -130,6 +135,8 @@ def test_privacy_switch_never_stores_text(store: EventStore, config: StoreConfig
         ("rq", '[{"role":"user","content":"question q"}]', None, "answer q", True),
     ]
     assert con.execute("SELECT value, kind FROM feedback").fetchall() == [(None, "correction")]
+    assert con.execute("SELECT choices, tools, tool_choice, response_format FROM requests WHERE request_id = 'rp'"
+                       ).fetchall() == [(None, None, None, None)]  # fmt: skip
     store.seal()
     for path in (config.root / "gw-test").iterdir():
         if path.is_file():
