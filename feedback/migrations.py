@@ -159,7 +159,7 @@ def migrate_1_to_2(root: Path) -> None:
 # --- 2 -> 3 ---------------------------------------------------------------------------------------
 
 
-def _add_missing_columns(con: duckdb.DuckDBPyConnection, path: Path, table: str, writer: str) -> bool:
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> bool:
     """Rewrite one segment with the columns it lacks (NULL); False when it has them all already."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE _m AS SELECT * FROM read_parquet({sql_str(str(path))})")
     existing = {str(r[0]) for r in con.execute("DESCRIBE _m").fetchall()}
@@ -183,7 +183,7 @@ def migrate_2_to_3(root: Path) -> None:
         upgraded = 0
         for seg in list_segments(root):
             if seg.table in ("requests", "feedback"):
-                upgraded += _add_missing_columns(con, seg.path, seg.table, seg.writer)
+                upgraded += _add_missing_columns(con, seg.path, seg.table)
         for d in {s.path.parent for s in list_segments(root)}:
             fsync_dir(d)
         log.warning("upgraded %d segments of %s", upgraded, root)

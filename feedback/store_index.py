@@ -17,31 +17,32 @@ Served = tuple[str, str | None, str | None, str | None]
 
 
 class RecentRequests:
-    """request_id → (alias, experiment_id, arm, adapter) of the last ``capacity`` requests submitted here."""
+    """request_id → (alias, experiment_id, arm, adapter) and the number of choices, of the last ``capacity``
+    requests submitted here."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map: dict[str, Served] = {}
-        self._choices: dict[str, int] = {}  # how many choices each one returned
+        self._map: dict[str, tuple[Served, int]] = {}  # and how many choices it returned
 
     def add(self, event: RequestEvent) -> None:
         """Remember what served ``event`` (amortised O(1); old entries are dropped in bulk)."""
         if not self.capacity:
             return
         m = self._map
-        m[event.request_id] = (event.alias, event.experiment_id, event.arm, event.adapter)
-        self._choices[event.request_id] = len(event.choices) if event.choices else 1
+        served = (event.alias, event.experiment_id, event.arm, event.adapter)
+        m[event.request_id] = (served, len(event.choices) if event.choices else 1)
         if len(m) > 2 * self.capacity:
             self._map = dict(list(m.items())[-self.capacity :])
-            self._choices = {k: self._choices.get(k, 1) for k in self._map}
 
     def get(self, request_id: str) -> Served | None:
         """What served ``request_id``, if it was submitted here recently."""
-        return self._map.get(request_id)
+        entry = self._map.get(request_id)
+        return entry[0] if entry is not None else None
 
     def choices(self, request_id: str) -> int | None:
         """How many choices ``request_id`` returned, if it was submitted here recently."""
-        return self._choices.get(request_id)
+        entry = self._map.get(request_id)
+        return entry[1] if entry is not None else None
 
 
 class FeedbackIndex:

@@ -173,7 +173,7 @@ async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc).splitlines()[-1].strip(), param="value", code="invalid_value") from None
-    served = store.served_choices(body.request_id)
+    served = store.served_choices(body.request_id) if body.choice_index is not None else None
     if body.choice_index is not None and served is not None and body.choice_index >= served:
         message = f"choice_index {body.choice_index} is out of range: the request returned {served} choice(s)"
         raise OpenAIError(400, message, param="choice_index", code="invalid_value")
