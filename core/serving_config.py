@@ -60,6 +60,49 @@ class AdapterConfig(_Strict):
     path: Path = Field(description="Directory with adapter_config.json and adapter_model.safetensors.")
 
 
+#: Chat templates shipped with the gateway (serving/templates), by the name `tool_calling.chat_template` takes.
+BUILTIN_CHAT_TEMPLATES = ("smollm2-tools",)
+
+
+class ToolCallingConfig(_Strict):
+    """Tool calling on the managed vLLM: its tool-call parser and the chat template that renders tools."""
+
+    parser: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="vLLM --tool-call-parser; setting it turns tool calling on (with --enable-auto-tool-choice). "
+        "`pythonic` for SmolLM2 with the `smollm2-tools` template (calls as `[f(a=1)]`, no special tokens); "
+        "`hermes`, `llama3_json`, ... for models trained on those formats. Unset: no tool calling.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="vLLM --chat-template: `smollm2-tools` (shipped: SmolLM2's ChatML with tools in the system "
+        "turn and past calls in the pythonic form) or the path of a Jinja file. Unset: the model's own template.",
+    )
+    compact_json: bool = Field(
+        True,
+        description="JSON that vLLM constrains (the arguments under a named or `required` tool choice, "
+        "`response_format`) is written without whitespace between its tokens (vLLM --structured-outputs-config "
+        "disable_any_whitespace, which vLLM takes only with a named backend: xgrammar, so a schema xgrammar cannot "
+        "compile is refused instead of going to guidance). Small models otherwise tend to fill the arguments with "
+        "whitespace until `max_tokens`.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        if value is not None and value not in BUILTIN_CHAT_TEMPLATES and not Path(value).expanduser().is_file():
+            names = ", ".join(BUILTIN_CHAT_TEMPLATES)
+            raise ValueError(f"chat_template {value!r} is neither a shipped template ({names}) nor a file")
+        return value
+
+    @model_validator(mode="after")
+    def _template_needs_parser(self) -> ToolCallingConfig:
+        if self.chat_template is not None and self.parser is None:
+            raise ValueError("chat_template is set but parser is not: set both (a parser turns tool calling on)")
+        return self
+
+
 class ManagedBackendConfig(_Strict):
     """How `loraloop serve` starts its own vLLM server when `backends.mode` is `managed`."""
 
@@ -75,10 +118,23 @@ class ManagedBackendConfig(_Strict):
     max_model_len: int | None = Field(None, ge=16, description="vLLM --max-model-len (context length).")
     max_loras: int = Field(4, ge=1, description="vLLM --max-loras: adapters active in one batch.")
     cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.")
+    tool_calling: ToolCallingConfig = Field(
+        default_factory=lambda: ToolCallingConfig(), description="Tool calling (OpenAI `tools`); off by default."
+    )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM command-line arguments.")
     startup_timeout_s: float = Field(900.0, gt=0, description="How long to wait for vLLM's /health.")
     restart_backoff_s: float = Field(2.0, ge=0, description="Pause before restarting a dead vLLM.")
     stop_timeout_s: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
+
+    @model_validator(mode="after")
+    def _tool_calling_set_once(self) -> ManagedBackendConfig:
+        flags = {"--enable-auto-tool-choice", "--tool-call-parser", "--chat-template"}
+        if self.tool_calling.compact_json:
+            flags.add("--structured-outputs-config")
+        twice = sorted(flags.intersection(a.split("=")[0].split(".")[0] for a in self.extra_args))
+        if self.tool_calling.parser is not None and twice:
+            raise ValueError(f"extra_args repeat what tool_calling sets ({', '.join(twice)}): keep one of them")
+        return self
 
 
 class BackendsConfig(_Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -14,6 +16,8 @@ FeedbackSource = Literal["user", "annotator", "automatic"]
 _INT32 = 2**31 - 1
 _THUMBS_UP = {"up", "+1", "1", "true", "yes", "good", "👍"}
 _THUMBS_DOWN = {"down", "-1", "0", "false", "no", "bad", "👎"}
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+MAX_CORRECTED_CALLS = 128
 
 
 def utcnow() -> datetime:
@@ -50,6 +54,48 @@ class ToolCallLog(BaseModel):
     arguments: str = Field(default="", description="The arguments as the model wrote them (JSON text).")
 
 
+def corrected_tool_calls(value: dict[str, Any]) -> dict[str, Any]:
+    """A correction given as the assistant message that was wanted, normalised for the store:
+    ``{"content": str | None, "tool_calls": [{"id", "name", "arguments"}]}`` (the shape of a logged choice's
+    calls; ``arguments`` as compact JSON text). Accepts OpenAI's message shape (``{"role": "assistant",
+    "content": ..., "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]}``, arguments as
+    JSON text or an object). Raises ValueError saying what is wrong."""
+    unknown = set(value) - {"role", "content", "tool_calls"}
+    if unknown:
+        raise ValueError(f"a tool-call correction has only role, content and tool_calls (not {sorted(unknown)})")
+    if value.get("role", "assistant") != "assistant":
+        raise ValueError("a tool-call correction is an assistant message (role must be 'assistant')")
+    content, calls = value.get("content"), value.get("tool_calls")
+    if content is not None and not isinstance(content, str):
+        raise ValueError("correction content must be a string or null")
+    if not isinstance(calls, list) or not calls or len(calls) > MAX_CORRECTED_CALLS:
+        raise ValueError(f"a tool-call correction needs tool_calls: a list of 1 to {MAX_CORRECTED_CALLS} calls")
+    return {"content": content, "tool_calls": [_corrected_call(i, c) for i, c in enumerate(calls)]}
+
+
+def _corrected_call(i: int, call: Any) -> dict[str, Any]:
+    where = f"tool_calls[{i}]"
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise ValueError(f"{where} must be an object with a function: {{name, arguments}}")
+    if call.get("type", "function") != "function":
+        raise ValueError(f"{where}.type must be 'function'")
+    name, arguments = call["function"].get("name"), call["function"].get("arguments", {})
+    if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        raise ValueError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise ValueError(f"{where}.function.arguments is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object")
+    call_id = call.get("id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise ValueError(f"{where}.id must be a string")
+    text = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return {"id": call_id, "name": name, "arguments": text}
+
+
 class ChoiceLog(BaseModel):
     """One choice of a response (``n`` > 1 gives several)."""
 
@@ -65,7 +111,9 @@ class RequestEvent(_Event):
 
     request_id: str = Field(min_length=1, description="Unique id of this generation (gateway-generated).")
     alias: str = Field(description="Client-visible model name the request asked for.")
-    endpoint: Literal["chat", "completions"] = Field(description="Which OpenAI endpoint served it.")
+    endpoint: Literal["chat", "completions", "responses"] = Field(
+        description="Which OpenAI endpoint served it (`responses`: logged in chat's shape, messages and all)."
+    )
     experiment_id: str | None = Field(default=None, description="Experiment the request was part of, if any.")
     arm: str | None = Field(default=None, description="Arm of that experiment that served it.")
     adapter: str | None = Field(default=None, description="LoRA adapter that served it; None = the base model.")
@@ -94,8 +142,9 @@ class RequestEvent(_Event):
 class FeedbackEvent(_Event):
     """Feedback about one request. ``feedback_id`` makes client retries idempotent.
 
-    ``value`` is normalised by ``kind``: thumbs → bool (True = up), score → float, label /
-    correction / comment → str; regenerate and copy take any value (usually None).
+    ``value`` is normalised by ``kind``: thumbs → bool (True = up), score → float, label / comment → str,
+    correction → str (the wanted text) or the wanted assistant message with tool calls (see
+    :func:`corrected_tool_calls`); regenerate and copy take any value (usually None).
     """
 
     feedback_id: str = Field(default_factory=new_id, min_length=1, description="Client-supplied or generated.")
@@ -104,7 +153,9 @@ class FeedbackEvent(_Event):
         default=None, ge=0, le=_INT32, description="The choice of an `n` > 1 response it is about; None = choice 0."
     )
     kind: FeedbackKind = Field(description="What sort of feedback this is.")
-    value: float | str | bool | None = Field(default=None, description="The feedback itself, see the class docs.")
+    value: float | str | bool | dict[str, Any] | None = Field(
+        default=None, description="The feedback itself, see the class docs."
+    )
     user: str | None = Field(default=None, description="Who gave it.")
     source: FeedbackSource = Field(default="user", description="A user, an annotator or an automatic signal.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free metadata (label, task, slice...).")
@@ -125,12 +176,14 @@ class FeedbackEvent(_Event):
             else:
                 raise ValueError("thumbs feedback needs a value of true/false, up/down or 1/-1")
         elif self.kind == "score":
-            if isinstance(value, bool) or value is None:
+            if isinstance(value, bool | dict) or value is None:
                 raise ValueError("score feedback needs a numeric value")
             try:
                 self.value = float(value)
             except ValueError:
                 raise ValueError("score feedback needs a numeric value") from None
+        elif self.kind == "correction" and isinstance(value, dict):
+            self.value = corrected_tool_calls(value)
         elif self.kind in ("label", "correction", "comment") and (not isinstance(value, str) or not value):
             raise ValueError(f"{self.kind} feedback needs a non-empty string value")
         return self

@@ -245,6 +245,10 @@ class EventStore:
         """How many choices a request this writer served recently returned (None when unknown here)."""
         return self._recent.choices(request_id)
 
+    def served_tools(self, request_id: str) -> frozenset[str] | None:
+        """The function names a request this writer served recently offered (None when unknown here)."""
+        return self._recent.tools(request_id)
+
     def served_alias(self, request_id: str) -> str | None:
         """The alias of a request this writer served recently (None when unknown here)."""
         served = self._recent.get(request_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -17,12 +18,12 @@ Served = tuple[str, str | None, str | None, str | None]
 
 
 class RecentRequests:
-    """request_id → (alias, experiment_id, arm, adapter) and the number of choices, of the last ``capacity``
-    requests submitted here."""
+    """request_id → (alias, experiment_id, arm, adapter), the number of choices and the names of the tools
+    offered, of the last ``capacity`` requests submitted here (what feedback on them is checked against)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map: dict[str, tuple[Served, int]] = {}  # and how many choices it returned
+        self._map: dict[str, tuple[Served, int, frozenset[str]]] = {}
 
     def add(self, event: RequestEvent) -> None:
         """Remember what served ``event`` (amortised O(1); old entries are dropped in bulk)."""
@@ -30,7 +31,7 @@ class RecentRequests:
             return
         m = self._map
         served = (event.alias, event.experiment_id, event.arm, event.adapter)
-        m[event.request_id] = (served, len(event.choices) if event.choices else 1)
+        m[event.request_id] = (served, len(event.choices) if event.choices else 1, _tool_names(event.tools))
         if len(m) > 2 * self.capacity:
             self._map = dict(list(m.items())[-self.capacity :])
 
@@ -43,6 +44,20 @@ class RecentRequests:
         """How many choices ``request_id`` returned, if it was submitted here recently."""
         entry = self._map.get(request_id)
         return entry[1] if entry is not None else None
+
+    def tools(self, request_id: str) -> frozenset[str] | None:
+        """The function names ``request_id`` offered (empty: none), if it was submitted here recently."""
+        entry = self._map.get(request_id)
+        return entry[2] if entry is not None else None
+
+
+_NO_TOOLS: frozenset[str] = frozenset()
+
+
+def _tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
+    if not tools:
+        return _NO_TOOLS
+    return frozenset(str((t.get("function") or {}).get("name")) for t in tools if isinstance(t, dict))
 
 
 class FeedbackIndex:

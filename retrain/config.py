@@ -133,7 +133,8 @@ class BalanceConfig(BaseModel):
     mode: Literal["resample", "weights"] = Field(
         default="weights",
         description="`resample`: duplicate (up) or drop (down) training rows; `weights`: keep the rows and set a "
-        "`weight` column (mean 1.0 over the training split) for a weighted loss.",
+        "`weight` column (mean 1.0 over the training split) that scales each row's tokens in the SFT loss "
+        "(ignored, with a logged warning, by DPO, packing and token_metrics).",
     )
     target: Literal["uniform", "capped"] = Field(
         default="uniform",
@@ -216,8 +217,9 @@ class SplitConfig(BaseModel):
     folds: int = Field(
         default=0,
         ge=0,
-        description="k-fold cross-validation: give train and validation rows a `fold` in 0..folds-1 (0 or 1: off). "
-        "The holdout is never folded.",
+        description="k-fold cross-validation of the search's trials (needs `search.enabled`): give train and "
+        "validation rows a `fold` in 0..folds-1 (0: off); each trial then scores its mean validation loss over "
+        "the folds. The holdout is never folded.",
     )
 
     @model_validator(mode="after")
@@ -238,6 +240,12 @@ class DataConfig(BaseModel):
         default=None,
         description="Optional fixed JSONL dataset added to every run (`messages` or `prompt`, and `completion` or "
         "`chosen`/`rejected`; a missing `request_id` is derived from the content).",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template the rows are rendered with: a Jinja file, or the name of one shipped in "
+        "serving/templates (e.g. `smollm2-tools`); None = the base tokenizer's. Must be the template the model "
+        "is served with; rows with tool calls need one that renders `tools` and `tool_calls`.",
     )
     min_rows: int = Field(
         default=50,

@@ -1,44 +1,44 @@
 """The evaluation gate: candidate vs champion (and vs the base) on the holdout.
 
-* Loss / perplexity: a transformers forward pass over the holdout (completion tokens only).
-* Task metrics from generations through vLLM with the adapter loaded at runtime (``/v1/load_lora_adapter``
-  under a unique name, temperature 0, concurrent requests, unloaded afterwards): exact match; accuracy and
+* Loss / perplexity: a transformers forward pass over the holdout (completion tokens only; ``retrain.holdout_loss``).
+* Task metrics from generations through vLLM with the adapter loaded at runtime (``retrain.generation``: under a
+  unique name, temperature 0, concurrent requests, unloaded afterwards): exact match; accuracy and
   macro precision / recall / F1 when the answers are label-like; the rate at which the answer matches the
-  preferred one of the holdout's preference pairs.
-* Per-slice metrics for every slice attribute and every intersection of two attributes.
+  preferred one of the holdout's preference pairs. Rows that offered ``tools`` or asked for a
+  ``response_format`` are sent as chat requests with them, and the answers' ``tool_calls`` are kept.
+* The evaluators the recipe lists (``retrain.evaluators``: judge, chrF / ROUGE-L, tool calls, JSON schema,
+  rubric plug-ins, loss on preferred answers) add per-row metrics; anything they could not score fails the
+  gate closed with the reason.
+* Per-slice metrics for every slice attribute and every intersection of two attributes, for every metric.
 * The verdict: fails when a slice with at least ``min_slice_samples`` rows drops by more than
   ``slice_tolerance`` against the reference (the champion; the base when there is none), or when the
-  overall primary metric does not beat the reference by more than ``min_improvement``.
+  overall primary metric does not beat the reference by more than ``min_improvement`` (``judge_win_rate``:
+  when the Wilson lower bound does not exceed ``judge.threshold``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
-import math
-import subprocess
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
+from retrain.evaluators.base import EvalInput, PerRow, Prediction, mean, normalize
+from retrain.evaluators.registry import build_evaluators
+from retrain.generation import generate_predictions, loaded_adapters, vllm_server
+from retrain.holdout_loss import completion_losses, loss_figures
 from retrain.recipe import EvalSection
 
 log = logging.getLogger(__name__)
 
-
-def normalize(text: str | None, stop: Sequence[str] = ("<|im_end|>", "</s>")) -> str:
-    """Answer text for comparisons: cut at an end-of-turn marker, strip whitespace."""
-    t = text or ""
-    for s in stop:
-        t = t.split(s, 1)[0]
-    return t.strip()
+#: Primary metrics that are not a mean of per-row scores: slices gate on exact_match (as the gate always did).
+SLICE_FALLBACK = frozenset({"neg_loss", "preferred_match_rate"})
+#: Evaluators that need generations.
+GENERATING = frozenset({"exact_match", "preferred_match", "chrf", "rouge_l", "judge", "tool_calls", "json_schema"})
 
 
 def is_label_like(answers: Sequence[str], max_labels: int = 20, max_words: int = 3) -> bool:
@@ -106,7 +106,8 @@ class ModelScores:
 
 @dataclass
 class GateResult:
-    """The gate's verdict and every figure behind it."""
+    """The gate's verdict and every figure behind it (``evaluators``: each evaluator's details, e.g. the judge's
+    prompt version, verdict counts, Wilson interval and human agreement)."""
 
     passed: bool
     reasons: list[str]
@@ -115,12 +116,15 @@ class GateResult:
     scores: dict[str, ModelScores]
     slice_checks: list[dict[str, Any]]
     label_like: bool
+    evaluators: dict[str, Any] = field(default_factory=dict)
+    #: lines shown under the verdict about how the candidate was made (e.g. its cross-validated loss)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
-        """The verdict as a plain-text table (overall metrics, then gated slices)."""
+        """The verdict as a plain-text table (overall metrics, evaluator notes, then gated slices)."""
         names = list(self.scores)
         metrics = sorted({k for s in self.scores.values() for k in s.overall})
         w = max([len("metric"), *map(len, metrics)]) + 2
@@ -129,6 +133,7 @@ class GateResult:
         for m in metrics:
             vals = [self.scores[n].overall.get(m) for n in names]
             lines.append(m.ljust(w) + "".join(("-" if v is None else f"{v:.4f}").rjust(12) for v in vals))
+        lines.extend(_judge_lines(self.evaluators.get("judge")))
         if self.slice_checks:
             sw = max(len(c["slice"]) for c in self.slice_checks) + 2
             lines.append("")
@@ -138,7 +143,24 @@ class GateResult:
                 lines.append(c["slice"].ljust(sw) + str(c["n"]).rjust(5) + f"{c['reference']:.4f}".rjust(12)
                              + f"{c['candidate']:.4f}".rjust(12) + f"  {ok}")  # fmt: skip
         lines.extend(f"- {r}" for r in self.reasons)
+        lines.extend(f"  {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _judge_lines(judge: dict[str, Any] | None) -> list[str]:
+    if not judge or "asked" not in judge:
+        return []
+    lines = [
+        f"judge {judge['model']} prompt {judge['prompt_version']} ({judge['prompt_sha256'][:12]}): "
+        f"{judge['wins']} wins / {judge['ties']} ties / {judge['losses']} losses of {judge['n']} prompts, "
+        f"{judge['asked']} verdicts asked, {judge['errors']} errors, {judge['unparseable']} unparseable"
+    ]
+    agreement = judge.get("human_agreement")
+    if agreement and agreement["agreement"] is not None:
+        kappa = "-" if agreement["kappa"] is None else f"{agreement['kappa']:.3f}"
+        lines.append(f"judge-human agreement {agreement['agreement']:.3f} on {agreement['judged']} of "
+                     f"{agreement['pairs']} preference pairs (Cohen's kappa {kappa})")  # fmt: skip
+    return lines
 
 
 def score(
@@ -160,31 +182,57 @@ def score(
     return ModelScores(name, overall, slices)
 
 
+def add_row_metrics(
+    scores: ModelScores, rows: Sequence[dict[str, Any]], per_row: dict[str, PerRow],
+    attributes: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """Add per-row metrics to ``scores``: overall and per-slice means over the rows a metric applies to
+    (``n_<metric>`` in each slice counts them)."""
+    keys = slice_keys(rows, attributes)
+    for metric, values in per_row.items():
+        overall = mean(values)
+        if overall is None:
+            continue
+        scores.overall[metric] = overall
+        for key, idx in keys.items():
+            present = [float(v) for v in (values[i] for i in idx) if v is not None]
+            if present:
+                slot = scores.slices.setdefault(key, {})
+                slot[metric], slot[f"n_{metric}"] = sum(present) / len(present), float(len(present))
+
+
+def _primary_check(candidate: ModelScores, reference: ModelScores, cfg: EvalSection) -> tuple[bool, str]:
+    metric = cfg.primary_metric
+    cand, ref = candidate.overall.get(metric), reference.overall.get(metric)
+    if cand is None or ref is None:
+        return False, f"primary metric {metric} is not available"
+    if metric == "judge_win_rate":
+        low, threshold = candidate.overall.get("judge_win_rate_low", 0.0), cfg.judge.threshold
+        interval = f"{cand:.4f} (Wilson {cfg.judge.confidence:g} lower bound {low:.4f})"
+        if not low > threshold:
+            return False, f"judge_win_rate {interval} vs {reference.name} does not clear the threshold {threshold}"
+        return True, f"judge_win_rate {interval} vs {reference.name} clears the threshold {threshold}"
+    if not cand - ref > cfg.min_improvement:
+        by = cfg.min_improvement
+        return False, f"{metric} {cand:.4f} does not beat {reference.name}'s {ref:.4f} by more than {by}"
+    return True, f"{metric} {cand:.4f} vs {reference.name}'s {ref:.4f} (+{cand - ref:.4f})"
+
+
 def decide(
     candidate: ModelScores, reference: ModelScores, cfg: EvalSection, *, others: Sequence[ModelScores] = ()
 ) -> GateResult:
     """The verdict of ``candidate`` against ``reference`` (see the module docs)."""
     metric = cfg.primary_metric
-    reasons: list[str] = []
-    cand = candidate.overall.get(metric)
-    ref = reference.overall.get(metric)
-    passed = True
-    if cand is None or ref is None:
-        passed = False
-        reasons.append(f"primary metric {metric} is not available")
-    elif not cand - ref > cfg.min_improvement:
-        passed = False
-        reasons.append(
-            f"{metric} {cand:.4f} does not beat {reference.name}'s {ref:.4f} by more than {cfg.min_improvement}"
-        )
-    else:
-        reasons.append(f"{metric} {cand:.4f} vs {reference.name}'s {ref:.4f} (+{cand - ref:.4f})")
+    passed, reason = _primary_check(candidate, reference, cfg)
+    reasons = [reason]
     checks = []
-    slice_metric = metric if metric in ("exact_match", "accuracy", "macro_f1") else "exact_match"
+    slice_metric = "exact_match" if metric in SLICE_FALLBACK else metric
     for key in sorted(set(candidate.slices) & set(reference.slices)):
         c, r = candidate.slices[key], reference.slices[key]
-        n = int(c.get("n", 0))
-        cv, rv = float(c.get(slice_metric, 0.0)), float(r.get(slice_metric, 0.0))
+        if slice_metric not in c or slice_metric not in r:
+            continue  # the metric applies to no row of this slice
+        n = int(c.get(f"n_{slice_metric}", c.get("n", 0)))
+        cv, rv = float(c[slice_metric]), float(r[slice_metric])
         gated = n >= cfg.min_slice_samples
         ok = not gated or cv >= rv - cfg.slice_tolerance
         checks.append({"slice": key, "n": n, "metric": slice_metric, "reference": rv, "candidate": cv,
@@ -197,124 +245,103 @@ def decide(
     return GateResult(passed, reasons, metric, reference.name, scores, checks, label_like)
 
 
-# ------------------------------------------------------------------------------------ loss / ppl
+def _losses(cfg: EvalSection, base: str, models: dict[str, Path | None], holdout: Sequence[dict[str, Any]],
+            pairs: Sequence[dict[str, Any]]) -> dict[str, tuple[dict[str, float], PerRow]]:  # fmt: skip
+    """Per model: the holdout loss figures (``loss``) and per-row preferred_neg_loss (``preferred_loss``)."""
+    from retrain.evaluators.reference import preferred_loss_scores
+
+    names = cfg.evaluator_names
+    items = [(str(r["prompt"]), str(r["completion"])) for r in holdout] if "loss" in names else []
+    preferred = [(str(r["prompt"]), str(r["chosen"])) for r in pairs] if "preferred_loss" in names else []
+    out = {}
+    for name, path in models.items():
+        losses = completion_losses(base, path, items + preferred) if items or preferred else []
+        figures = loss_figures(losses[: len(items)]) if items else {}
+        per_pair: list[tuple[float, int] | None] = [*losses[len(items) :]] if preferred else [None] * len(pairs)
+        none: PerRow = [None] * len(holdout)
+        out[name] = (figures, none + preferred_loss_scores(pairs, per_pair))
+    return out
 
 
-def holdout_loss(
-    base: str, adapter: Path | None, rows: Sequence[dict[str, Any]], *, threads: int | None = 1
-) -> dict[str, float]:
-    """Mean completion-token loss and perplexity of the base (+ adapter) on the holdout rows."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from retrain.train import torch_threads
-
-    if not rows:
-        return {}
-    tok = AutoTokenizer.from_pretrained(base)
-    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.eval()
-    total, count = 0.0, 0
-    with torch_threads(threads), torch.no_grad():
-        for r in rows:
-            p = tok(str(r["prompt"]), add_special_tokens=False)["input_ids"]
-            c = tok(str(r["completion"]), add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([p + c])
-            labels = torch.tensor([[-100] * len(p) + c])
-            out = model(input_ids=ids, labels=labels)
-            total += float(out.loss) * len(c)
-            count += len(c)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "neg_loss": -loss}
+def _predictions(cfg: EvalSection, base: str, models: dict[str, Path | None], rows: Sequence[dict[str, Any]],
+                 run_id: str, work_dir: Path) -> dict[str, list[Prediction]]:  # fmt: skip
+    """Every model's answers to the rows (empty answers when nothing listed needs them)."""
+    preds = {n: [Prediction()] * len(rows) for n in models}
+    listed = set(cfg.evaluator_names)
+    needed = bool(listed & GENERATING) or any(n.startswith("rubric:") for n in listed)
+    if cfg.skip_generation or not rows or not needed:
+        return preds
+    names = {n: (cfg.served_model_name if p is None else f"eval-{run_id}-{n}") for n, p in models.items()}
+    with (
+        vllm_server(cfg, cfg.base_model or base, log_path=work_dir / "vllm.log") as url,
+        loaded_adapters(url, {names[n]: p for n, p in models.items() if p is not None}),
+    ):
+        for n in models:
+            preds[n] = generate_predictions(url, names[n], rows, max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)
+    return preds
 
 
-# ----------------------------------------------------------------------------------------- vLLM
+def _legacy_scores(cfg: EvalSection, name: str, holdout: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]],
+                   preds: Sequence[Prediction], label_like: bool) -> ModelScores:  # fmt: skip
+    """exact_match (+ label metrics) on the holdout and preferred_match_rate on the pairs, as the gate always
+    computed them; the slices' row counts when exact_match is not listed."""
+    names = cfg.evaluator_names
+    texts = [p.text for p in preds]
+    extra: dict[str, float] = {}
+    if pairs and "preferred_match" in names:
+        chosen = [normalize(str(r["chosen"])) for r in pairs]
+        got = texts[len(holdout) :]
+        extra["preferred_match_rate"] = float(np.mean([a == c for a, c in zip(got, chosen, strict=True)]))
+    if "exact_match" in names:
+        return score(name, holdout, texts[: len(holdout)], label_like=label_like, attributes=cfg.slice_attributes,
+                     extra=extra)  # fmt: skip
+    slices = {k: {"n": float(len(idx))} for k, idx in slice_keys(holdout, cfg.slice_attributes).items()}
+    return ModelScores(name, {"n": float(len(holdout)), **extra}, slices)
 
 
-@contextlib.contextmanager
-def vllm_server(cfg: EvalSection, base: str, *, log_path: Path) -> Iterator[str]:
-    """``cfg.vllm_url`` when given; otherwise start a vLLM OpenAI server on ``base`` for the block (the
-    same command line and environment as the gateway's managed back-end) and stop it afterwards."""
-    if cfg.vllm_url:
-        yield cfg.vllm_url.rstrip("/")
-        return
-    import socket
-
-    from core.serving_config import ManagedBackendConfig
-    from serving.managed import detect_device, vllm_command, vllm_env
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    mcfg = ManagedBackendConfig(port=port, max_model_len=cfg.max_model_len, max_loras=2)
-    device = detect_device("auto")
-    cmd = vllm_command(base, cfg.served_model_name, mcfg, device, max_lora_rank=cfg.max_lora_rank)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as fh:
-        proc = subprocess.Popen(cmd, env=vllm_env(mcfg, device), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + cfg.start_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {proc.returncode} while starting; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM did not become healthy in {cfg.start_timeout_s}s; see {log_path}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
-def loaded_adapters(url: str, adapters: dict[str, Path]) -> Iterator[None]:
-    """Load adapters into a vLLM server under the given names; unload them afterwards."""
-    loaded = []
-    try:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            for name, path in adapters.items():
-                r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(Path(path).resolve())})
-                if r.status_code >= 400:
-                    raise RuntimeError(f"vLLM refused adapter {name}: {r.status_code} {r.text[:200]}")
-                loaded.append(name)
-        yield
-    finally:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for name in loaded:
-                with contextlib.suppress(httpx.HTTPError):
-                    c.post("/v1/unload_lora_adapter", json={"lora_name": name})
-
-
-async def _generate_async(url: str, model: str, prompts: Sequence[str], max_tokens: int, concurrency: int) -> list[str]:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-
-        async def one(prompt: str) -> str:
-            async with sem:
-                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-                r = await client.post("/v1/completions", json=body)
-                r.raise_for_status()
-                return str(r.json()["choices"][0]["text"])
-
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
-
-def generate(url: str, model: str, prompts: Sequence[str], *, max_tokens: int, concurrency: int) -> list[str]:
-    """Greedy completions of already chat-rendered ``prompts`` from a vLLM server (concurrent requests)."""
-    return asyncio.run(_generate_async(url, model, list(prompts), max_tokens, concurrency))
+def gate(
+    cfg: EvalSection,
+    *,
+    holdout: Sequence[dict[str, Any]],
+    pairs: Sequence[dict[str, Any]],
+    predictions: dict[str, list[Prediction]],
+    losses: dict[str, tuple[dict[str, float], PerRow]] | None = None,
+    ask_judge: Any = None,
+) -> GateResult:
+    """The verdict from the models' answers to ``holdout + pairs`` (``predictions``: ``base``, maybe
+    ``champion``, ``candidate``) and their losses (``_losses``): every listed metric, per slice, decided."""
+    holdout, pairs = list(holdout), list(pairs)
+    rows = holdout + pairs
+    reference = "champion" if "champion" in predictions else "base"
+    evaluators, failures = build_evaluators(cfg, ask_judge=ask_judge)
+    if failures:
+        return GateResult(False, failures, cfg.primary_metric, reference, {}, [], False)
+    answers = [normalize(str(r.get("answer", r.get("completion", "")))) for r in holdout]
+    label_like = is_label_like(answers, cfg.max_labels)
+    scores: dict[str, ModelScores] = {}
+    for n, preds in predictions.items():
+        figures, preferred = (losses or {}).get(n, ({}, [None] * len(rows)))
+        scores[n] = _legacy_scores(cfg, n, holdout, pairs, preds, label_like)
+        scores[n].overall.update(figures)
+        add_row_metrics(scores[n], rows, {"preferred_neg_loss": preferred}, cfg.slice_attributes)
+        if "preferred_neg_loss" in scores[n].overall:
+            scores[n].overall["preferred_loss"] = -scores[n].overall["preferred_neg_loss"]
+    details: dict[str, Any] = {}
+    if not cfg.skip_generation:
+        data = EvalInput(rows, predictions, "candidate", reference)
+        for ev in evaluators:
+            res = ev(data)
+            for n, per_row in res.per_row.items():
+                add_row_metrics(scores[n], rows, per_row, cfg.slice_attributes)
+            for n, extra in res.overall.items():
+                scores[n].overall.update(extra)
+            details[ev.name], failures = res.details, failures + res.failures
+    others = [s for n, s in scores.items() if n not in ("candidate", reference)]
+    result = decide(scores["candidate"], scores[reference], cfg, others=others)
+    result.label_like, result.evaluators = label_like, details
+    if failures:  # fail closed: what could not be scored comes first, as the run's one-line reason
+        result.passed, result.reasons = False, [*failures, *result.reasons]
+    return result
 
 
 def evaluate(
@@ -327,47 +354,24 @@ def evaluate(
     champion: Path | None,
     run_id: str,
     work_dir: Path,
+    ask_judge: Any = None,
 ) -> GateResult:
-    """Score base, champion and candidate on the holdout and decide (see the module docs)."""
-    holdout = list(holdout)
-    pairs = list(pairs)
+    """Score base, champion and candidate on the holdout and decide (see the module docs). ``ask_judge``: a
+    stand-in for the judge endpoint (tests; ``retrain.evaluators.judge.AskJudge``)."""
+    holdout, pairs = list(holdout), list(pairs)
     models: dict[str, Path | None] = {"base": None}
     if champion is not None:
         models["champion"] = champion
     models["candidate"] = candidate
-    losses = {name: holdout_loss(base, path, holdout) for name, path in models.items()}
-    answers = [normalize(str(r.get("answer", r.get("completion", "")))) for r in holdout]
-    label_like = is_label_like(answers, cfg.max_labels)
-    preds: dict[str, list[str]] = {n: [""] * len(holdout) for n in models}
-    pair_preds: dict[str, list[str]] = {n: [""] * len(pairs) for n in models}
-    if not cfg.skip_generation and (holdout or pairs):
-        gen_base = cfg.base_model or base
-        names = {n: (cfg.served_model_name if p is None else f"eval-{run_id}-{n}") for n, p in models.items()}
-        with (
-            vllm_server(cfg, gen_base, log_path=work_dir / "vllm.log") as url,
-            loaded_adapters(url, {names[n]: p for n, p in models.items() if p is not None}),
-        ):
-            for n in models:
-                out = generate(url, names[n], [str(r["prompt"]) for r in holdout] + [str(r["prompt"]) for r in pairs],
-                               max_tokens=cfg.max_tokens, concurrency=cfg.concurrency)  # fmt: skip
-                preds[n], pair_preds[n] = out[: len(holdout)], out[len(holdout) :]
-    scores: dict[str, ModelScores] = {}
-    for n in models:
-        extra = dict(losses[n])
-        if pairs:
-            chosen = [normalize(str(r["chosen"])) for r in pairs]
-            extra["preferred_match_rate"] = float(
-                np.mean([normalize(a) == c for a, c in zip(pair_preds[n], chosen, strict=True)])
-            )
-        scores[n] = score(n, holdout, preds[n], label_like=label_like, attributes=cfg.slice_attributes, extra=extra)
-    reference = scores["champion"] if "champion" in scores else scores["base"]
-    others = [s for n, s in scores.items() if n not in ("candidate", reference.name)]
-    result = decide(scores["candidate"], reference, cfg, others=others)
-    result.label_like = label_like
-    return result
+    _, failures = build_evaluators(cfg, ask_judge=ask_judge)
+    if failures:  # a rubric that does not load: no generations for a gate that cannot pass
+        return GateResult(False, failures, cfg.primary_metric, "champion" if champion else "base", {}, [], False)
+    losses = _losses(cfg, base, models, holdout, pairs)
+    preds = _predictions(cfg, base, models, holdout + pairs, run_id, work_dir)
+    return gate(cfg, holdout=holdout, pairs=pairs, predictions=preds, losses=losses, ask_judge=ask_judge)
 
 
 __all__ = [
-    "GateResult", "ModelScores", "decide", "evaluate", "generate", "holdout_loss", "is_label_like",
-    "label_metrics", "loaded_adapters", "normalize", "score", "slice_keys", "task_metrics", "vllm_server",
+    "GateResult", "ModelScores", "add_row_metrics", "decide", "evaluate", "gate", "is_label_like", "label_metrics",
+    "normalize", "score", "slice_keys", "task_metrics",
 ]  # fmt: skip

@@ -57,6 +57,12 @@ def write_model_card(
     if data_summary:
         parts += ["```", data_summary.strip(), "```"]
     parts += ["## Hyper-parameters", _table(hyperparams)]
+    if "search_cv_loss" in hyperparams:  # retrain.search with k-fold cross-validation
+        loss = str(hyperparams["search_cv_loss"]).replace(")", "; mean ± sd over the folds)")
+        parts.append(
+            f"Chosen by a cross-validated hyper-parameter search (trial {hyperparams.get('search_trial')}): "
+            f"validation loss {loss}; the adapter was then trained with these parameters on the train split."
+        )
     if epochs:
         parts += ["## Training per epoch", "| epoch | train loss | validation loss |", "|---|---|---|"]
         parts += [f"| {e['epoch']} | {e.get('train_loss')} | {e.get('eval_loss')} |" for e in epochs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -90,7 +90,7 @@ class TrainSection(_Strict):
         description="SFT: lay each batch's examples end to end in one row instead of padding them to the longest "
         "(position_ids restart per example; attention stays within each example). Same batches and loss as "
         "padded training, without the compute spent on padding. sdpa models use a per-example attention "
-        "(`retrain.train.VARLEN_ATTENTION`); flash-attention models their varlen kernels.",
+        "(`retrain.attention.VARLEN_ATTENTION`); flash-attention models their varlen kernels.",
     )
     group_by_length: bool = Field(
         False,
@@ -123,10 +123,15 @@ class TrainSection(_Strict):
 
 
 class SearchSection(_Strict):
-    """Hyper-parameter search with Optuna (TPE sampler, median pruner on validation loss)."""
+    """Hyper-parameter search with Optuna (TPE sampler, median pruner on validation loss). With k-fold
+    cross-validation (`data.prepare.splits.folds` = k >= 2) each trial trains k times and scores the mean
+    validation loss over the folds (the run shows mean ± sd); the candidate is then trained with the best
+    trial's parameters on the train split (retrain/search.py)."""
 
     enabled: bool = Field(
-        False, description="Run the search; the best trial (lowest validation loss) is the candidate."
+        False,
+        description="Run the search; the best trial (lowest validation loss, or mean over the folds) gives the "
+        "candidate: its adapter, or with folds a training with its parameters on the train split.",
     )
     n_trials: int = Field(4, ge=1, description="Budget: number of trials.")
     timeout_s: float | None = Field(None, gt=0, description="Budget: wall-clock seconds for the whole search.")
@@ -135,7 +140,106 @@ class SearchSection(_Strict):
     alpha_over_r: list[float] = Field(default_factory=lambda: [1.0, 2.0], description="alpha = r * one of these.")
     dropout: tuple[float, float] = Field((0.0, 0.1), description="Uniform range of lora dropout.")
     epochs: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0], description="Epoch counts to try.")
-    pruner_warmup_steps: int = Field(0, ge=0, description="MedianPruner: no pruning before this many steps.")
+    pruner_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="MedianPruner: no pruning before this many steps (with folds: completed folds - 1; the "
+        "pruner then compares the running mean over the folds done).",
+    )
+
+
+EvaluatorName = Literal[
+    "exact_match", "preferred_match", "loss", "preferred_loss", "chrf", "rouge_l", "judge", "tool_calls", "json_schema"
+]  # fmt: skip
+#: Evaluator name -> the metrics it produces (retrain.evaluators; docs/retrain.md, "Choosing evaluators").
+METRICS: dict[str, tuple[str, ...]] = {
+    "exact_match": ("exact_match", "accuracy", "macro_f1", "macro_precision", "macro_recall"),
+    "preferred_match": ("preferred_match_rate",),
+    "loss": ("neg_loss", "loss", "perplexity"),
+    "preferred_loss": ("preferred_neg_loss", "preferred_loss"),
+    "chrf": ("chrf",),
+    "rouge_l": ("rouge_l",),
+    "judge": ("judge_win_rate", "judge_win_rate_low", "judge_win_rate_high"),
+    "tool_calls": ("tool_valid_rate", "tool_name_accuracy", "tool_exact_match", "tool_field_f1"),
+    "json_schema": ("schema_valid_rate",),
+}
+#: What the gate computed before evaluators could be chosen: old recipes keep exactly these figures.
+DEFAULT_EVALUATORS = ("exact_match", "preferred_match", "loss")
+#: Metrics where lower is better, or interval bounds: reported, never the primary metric.
+NOT_GATEABLE = frozenset(
+    {"loss", "perplexity", "preferred_loss", "macro_precision", "macro_recall", "judge_win_rate_low",
+     "judge_win_rate_high"}
+)  # fmt: skip
+RUBRIC_PREFIX = "rubric:"
+
+
+def evaluator_of(metric: str) -> str | None:
+    """The evaluator that produces ``metric`` (``rubric`` for ``rubric:<name>``); None for an unknown metric."""
+    if metric.startswith(RUBRIC_PREFIX) and len(metric) > len(RUBRIC_PREFIX):
+        return "rubric"
+    return next((name for name, metrics in METRICS.items() if metric in metrics), None)
+
+
+def gateable_metrics() -> list[str]:
+    """Every metric a recipe may name as its primary metric (plus ``rubric:<name>``)."""
+    return [m for metrics in METRICS.values() for m in metrics if m not in NOT_GATEABLE]
+
+
+def rubric_default_name(spec: str) -> str:
+    """The name of a rubric the recipe names none for: the callable's or the entry point's."""
+    if ":" in spec:
+        return spec.rsplit(":", 1)[1].rsplit(".", 1)[-1]
+    return spec.rsplit(".", 1)[-1]
+
+
+class RubricSpec(_Strict):
+    """A rubric plug-in in `eval.evaluators`: `{rubric: "pkg.mod:func", name: polite}`."""
+
+    rubric: str = Field(
+        min_length=1, description="`package.module:callable` (or `package.module.callable`), or the name of an "
+        "entry point in the group `loraloop.rubrics`; called as (holdout row, answer text) -> score in [0, 1]."
+    )  # fmt: skip
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Metric name `rubric:<name>`; default the callable's name."
+    )
+
+    @property
+    def metric(self) -> str:
+        return f"{RUBRIC_PREFIX}{self.name or rubric_default_name(self.rubric)}"
+
+
+class JudgeSection(_Strict):
+    """The pairwise judge (`judge` in `eval.evaluators`): any OpenAI-compatible chat endpoint."""
+
+    url: str | None = Field(
+        None, description="Base URL of the endpoint, ending in `/v1` as in OpenAI's clients (requests go to "
+        "`{url}/chat/completions`); required when the judge is listed."
+    )  # fmt: skip
+    model: str | None = Field(None, description="The judge model's name at that endpoint; required with the judge.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the endpoint's API key (sent as a Bearer "
+        "token); None = no key. Named but unset: the gate fails closed."
+    )  # fmt: skip
+    prompt_version: Literal["pairwise-v1"] = Field(
+        "pairwise-v1", description="Judge prompt version (`retrain.evaluators.judge.JUDGE_PROMPTS`; stored in the "
+        "gate result with the prompt's SHA-256)."
+    )  # fmt: skip
+    threshold: float = Field(
+        0.5, ge=0.0, lt=1.0, description="With `primary_metric: judge_win_rate`: the Wilson interval's lower bound "
+        "of the candidate's win rate against the reference must exceed this (0.5: better with confidence)."
+    )  # fmt: skip
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the Wilson interval.")
+    max_tokens: int = Field(4, ge=1, description="Longest judge reply (a verdict is `A`, `B` or `TIE`).")
+    concurrency: int = Field(8, ge=1, description="Concurrent judge requests.")
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one judge request.")
+    max_invalid_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Largest share of verdicts that may be unusable (endpoint errors, replies "
+        "other than exactly `A`, `B`, `TIE`); more, and the gate fails closed."
+    )  # fmt: skip
+    min_human_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="Fail the gate when the judge prefers the human's choice on fewer of the "
+        "holdout's preference pairs than this; None = report the agreement only."
+    )  # fmt: skip
 
 
 class EvalSection(_Strict):
@@ -154,9 +258,19 @@ class EvalSection(_Strict):
     start_timeout_s: float = Field(600.0, gt=0, description="How long a started vLLM may take to become healthy.")
     max_lora_rank: int = Field(16, ge=1, description="--max-lora-rank of a vLLM started for the run.")
     max_model_len: int | None = Field(1024, description="--max-model-len of a vLLM started for the run.")
-    primary_metric: Literal["exact_match", "accuracy", "macro_f1", "preferred_match_rate", "neg_loss"] = Field(
-        "exact_match", description="The metric the candidate must improve."
+    evaluators: list[EvaluatorName | RubricSpec] = Field(
+        default_factory=lambda: cast("list[EvaluatorName | RubricSpec]", list(DEFAULT_EVALUATORS)),
+        description="What the gate computes (docs/retrain.md, 'Choosing evaluators'): `exact_match` (and label "
+        "metrics), `preferred_match`, `loss`, `preferred_loss`, `chrf`, `rouge_l`, `judge` (see `eval.judge`), "
+        "`tool_calls`, `json_schema`, and rubric plug-ins `{rubric: 'pkg.mod:func', name: N}`. Default: what "
+        "the gate always computed.",
     )
+    judge: JudgeSection = Field(default_factory=lambda: JudgeSection(), description="The pairwise judge.")
+    primary_metric: str = Field(
+        "exact_match", description="The metric the candidate must improve: one of "
+        + ", ".join(f"`{m}`" for m in gateable_metrics()) + ", or `rubric:<name>`; its evaluator must be "
+        "listed. `judge_win_rate` gates on the Wilson lower bound against `judge.threshold`."
+    )  # fmt: skip
     min_improvement: float = Field(0.0, description="The candidate's primary metric must beat the reference by more.")
     slice_tolerance: float = Field(0.05, ge=0.0, description="Largest allowed drop of a slice's primary metric.")
     min_slice_samples: int = Field(5, ge=1, description="Slices with fewer holdout rows are reported, not gated.")
@@ -165,6 +279,25 @@ class EvalSection(_Strict):
     )
     max_labels: int = Field(20, ge=2, description="Answers are label-like when at most this many distinct short ones.")
     skip_generation: bool = Field(False, description="Gate on holdout loss only (no vLLM). For debugging.")
+
+    @property
+    def evaluator_names(self) -> list[str]:
+        """The listed evaluators' names (`rubric:<name>` for a rubric)."""
+        return [e if isinstance(e, str) else e.metric for e in self.evaluators]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalSection:
+        names = self.evaluator_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluators listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+        metric, source = self.primary_metric, evaluator_of(self.primary_metric)
+        if source is None or (metric not in gateable_metrics() and source != "rubric"):
+            raise ValueError(f"primary_metric {metric!r} is not a metric the gate can gate on")
+        if (metric if source == "rubric" else source) not in names:
+            raise ValueError(f"primary_metric {metric!r} needs the evaluator {source!r} in evaluators")
+        if "judge" in names and not (self.judge.url and self.judge.model):
+            raise ValueError("the judge evaluator needs eval.judge.url and eval.judge.model")
+        return self
 
 
 class DataSection(_Strict):
@@ -214,6 +347,9 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if self.train.method == "dpo" and self.train.packing:
             raise ValueError("packing is an SFT option")
+        if self.data.prepare.splits.folds > 1 and not self.search.enabled:
+            raise ValueError("data.prepare.splits.folds: the folds cross-validate the search's trials; "
+                             "set search.enabled: true, or folds: 0")  # fmt: skip
         return self
 
     def hash(self) -> str:
@@ -263,6 +399,7 @@ def base_revision(base: str | Path) -> str:
 
 
 __all__ = [
-    "DataSection", "EvalSection", "LoraSection", "ModelSection", "OutputSection", "Recipe", "RecipeError",
-    "SearchSection", "TrainSection", "base_revision", "load_recipe",
+    "DataSection", "EvalSection", "JudgeSection", "LoraSection", "ModelSection", "OutputSection", "Recipe",
+    "RecipeError", "RubricSpec", "SearchSection", "TrainSection", "base_revision", "evaluator_of", "gateable_metrics",
+    "load_recipe", "rubric_default_name",
 ]  # fmt: skip

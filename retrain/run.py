@@ -265,6 +265,9 @@ class RetrainRun:
                         champion=Path(setup.champion.path) if setup.champion else None, run_id=self.run_id,
                         work_dir=self.run_dir)  # fmt: skip
         self.result.gate = gate
+        if "search_cv_loss" in trained.hyperparams:  # retrain.search with k-fold cross-validation
+            gate.notes.append(f"search: the best trial's validation loss {trained.hyperparams['search_cv_loss']}, "
+                              "mean ± sd over the folds")  # fmt: skip
         table = gate.table()
         if self.echo:
             print(table, flush=True)

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from core.settings import Settings
 from feedback.events import (
@@ -39,6 +39,9 @@ FEEDBACK_EXAMPLES: list[JsonValue] = [
      "user": "u-1842", "metadata": {"task": "routing"}, "feedback_id": "ticket-99812-fix"},
     {"request_id": "cmpl-0a1b2c3d4e5f60718293a4b5c6d7e8f9", "kind": "score", "value": 5, "source": "annotator"},
     {"request_id": "chatcmpl-5e1d9a7c3b2f4e6a8c0d1f2e3a4b5c6d", "choice_index": 1, "kind": "thumbs", "value": True},
+    {"request_id": "chatcmpl-9b8a7c6d5e4f30211f2e3d4c5b6a7980", "kind": "correction",
+     "value": {"content": None, "tool_calls": [{"type": "function", "function": {
+         "name": "lookup_order", "arguments": "{\"order_id\": \"A-1042\"}"}}]}},
 ]  # fmt: skip
 
 #: Request fields kept as the event's sampling parameters.
@@ -68,7 +71,7 @@ def _list_of_objects(value: Any) -> list[dict[str, Any]] | None:
 
 def request_event_observer(store: EventStore, settings: Settings) -> Callable[[RequestRecord], None]:
     def observe(record: RequestRecord) -> None:
-        route, body = record.route, record.body
+        route, body = record.route, record.logged_body  # a /v1/responses request in chat's shape
         exp, arm = route.experiment, route.arm
         ts = datetime.fromtimestamp(record.started_at, UTC)
         if exp is not None and arm is not None:
@@ -91,7 +94,7 @@ def request_event_observer(store: EventStore, settings: Settings) -> Callable[[R
             arm=arm.name if arm is not None else None,
             adapter=route.adapter,
             user=record.user,
-            messages=logged_messages(body.get("messages")) if record.endpoint == "chat" else None,
+            messages=logged_messages(body.get("messages")) if record.endpoint != "completions" else None,
             prompt=body["prompt"] if isinstance(body.get("prompt"), str) else None,
             completion=record.completion_text if record.status == 200 or record.texts or record.stream_chunks else None,
             choices=record.choice_logs() or None,
@@ -137,10 +140,13 @@ class FeedbackIn(BaseModel):
         "answer that was wanted (a training row and a preference pair); `label` tags the request (slices); "
         "`comment`, `regenerate`, `copy` are stored and reported only."
     )
-    value: float | str | bool | None = Field(
+    value: float | str | bool | dict[str, Any] | None = Field(
         None,
         description="By kind: thumbs true/false (also up/down, 1/-1); score a number (>= 4 good, <= 2 bad by "
-        "default); label, correction and comment a non-empty string; regenerate and copy nothing.",
+        "default); label and comment a non-empty string; correction the wanted answer as a non-empty string, or "
+        'the wanted assistant message with tool calls (`{"tool_calls": [{"type": "function", '
+        '"function": {"name": ..., "arguments": ...}}], "content": null}`: names among the request\'s '
+        "tools, arguments a JSON object); regenerate and copy nothing.",
     )
     user: str | None = Field(None, max_length=500, description="Who gave the feedback (your user id).")
     source: FeedbackSource = Field(
@@ -153,6 +159,29 @@ class FeedbackIn(BaseModel):
         None, min_length=1, max_length=200, description="Client id: retries are idempotent."
     )
     model: str | None = Field(None, description="The alias the request used (applies its privacy switch).")
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first problem in words (pydantic's own text ends with a link to its docs, useless to a client)."""
+    error = exc.errors()[0]
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def check_against_request(event: FeedbackEvent, store: EventStore) -> None:
+    """400 when the feedback contradicts the request it names, as far as this gateway served it: a choice
+    beyond the response's choices, a corrected tool call to a function the request did not offer."""
+    if event.choice_index is not None:
+        served = store.served_choices(event.request_id)
+        if served is not None and event.choice_index >= served:
+            message = f"choice_index {event.choice_index} is out of range: the request returned {served} choice(s)"
+            raise OpenAIError(400, message, param="choice_index", code="invalid_value")
+    if event.kind == "correction" and isinstance(event.value, dict):
+        offered = store.served_tools(event.request_id)
+        wrong = sorted({c["name"] for c in event.value["tool_calls"]} - offered) if offered is not None else []
+        if wrong:
+            names = ", ".join(sorted(offered or ())) or "none"
+            message = f"the correction calls {', '.join(wrong)}, which the request did not offer (its tools: {names})"
+            raise OpenAIError(400, message, param="value", code="invalid_value")
 
 
 @router.post("/v1/feedback", response_model=None)
@@ -171,12 +200,9 @@ async def post_feedback(body: FeedbackIn, store: StoreDep, settings: SettingsDep
             source=body.source,
             metadata=body.metadata,
         )
-    except ValueError as exc:
-        raise OpenAIError(400, str(exc).splitlines()[-1].strip(), param="value", code="invalid_value") from None
-    served = store.served_choices(body.request_id) if body.choice_index is not None else None
-    if body.choice_index is not None and served is not None and body.choice_index >= served:
-        message = f"choice_index {body.choice_index} is out of range: the request returned {served} choice(s)"
-        raise OpenAIError(400, message, param="choice_index", code="invalid_value")
+    except ValidationError as exc:
+        raise OpenAIError(400, _first_error(exc), param="value", code="invalid_value") from None
+    check_against_request(event, store)
     alias = body.model or store.served_alias(body.request_id)
     log_text = settings.aliases[alias].log_text if alias in settings.aliases else True
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from core.serving_config import ManagedBackendConfig
+from core.serving_config import ManagedBackendConfig, ToolCallingConfig
 
 from .backends import Backend, BackendPool
 from .metrics import GatewayMetrics
@@ -59,7 +59,30 @@ def vllm_command(
     ]  # fmt: skip
     if cfg.max_model_len:
         cmd += ["--max-model-len", str(cfg.max_model_len)]
-    return cmd + list(cfg.extra_args)
+    return cmd + tool_calling_args(cfg.tool_calling) + list(cfg.extra_args)
+
+
+#: where the chat templates shipped with the gateway live (`tool_calling.chat_template` names them)
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def chat_template_path(value: str) -> Path:
+    """The Jinja file of a `tool_calling.chat_template`: a shipped template by name, else the path given."""
+    shipped = TEMPLATES / f"{value.replace('-', '_')}.jinja"
+    return shipped if "/" not in value and shipped.is_file() else Path(value).expanduser().resolve()
+
+
+def tool_calling_args(cfg: ToolCallingConfig) -> list[str]:
+    """vLLM's tool-calling flags: auto tool choice with the parser (needed for `tools` with `auto`, and
+    for a named or `required` tool choice), and the chat template that shows the model its tools."""
+    if cfg.parser is None:
+        return []
+    args = ["--enable-auto-tool-choice", "--tool-call-parser", cfg.parser]
+    if cfg.chat_template is not None:
+        args += ["--chat-template", str(chat_template_path(cfg.chat_template))]
+    if cfg.compact_json:  # vLLM takes the flag only with a backend named: xgrammar, what "auto" picks first
+        args += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    return args
 
 
 def vllm_env(cfg: ManagedBackendConfig, device: str, keepalive_s: float = 4.0) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""The serving class behind /v1/completions and /v1/chat/completions: resolve the alias, apply its
-template, forward to a healthy vLLM back-end, and stream the answer back with loraloop's ids."""
+"""The serving class behind /v1/completions, /v1/chat/completions and /v1/responses: resolve the alias,
+apply its template, forward to a healthy vLLM back-end, and stream the answer back with loraloop's ids
+(what /v1/responses does differently is in responses.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from feedback.experiments import ExperimentRepo
 from .adapters import AdapterManager
 from .backends import Backend, BackendPool
 from .errors import OpenAIError
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from .records import Endpoint, Observer, RequestRecord, Route, take_choices
+from .responses import ResponseEventRewriter, apply_responses_template, take_response, upstream_body
 from .streaming import (
     ChunkRewriter,
     GuardedStreamingResponse,
@@ -34,8 +36,10 @@ from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
-_PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-_ID_PREFIX: dict[Endpoint, str] = {"chat": "chatcmpl-", "completions": "cmpl-"}
+_PATHS: dict[Endpoint, str] = {
+    "chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"
+}  # fmt: skip
+_ID_PREFIX: dict[Endpoint, str] = {"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_"}
 _DEFAULTED = ("temperature", "top_p", "max_tokens")
 
 ADAPTER_HEADER = "x-loraloop-adapter"
@@ -96,6 +100,9 @@ def apply_alias_template(endpoint: Endpoint, body: dict[str, Any], config: Alias
             for m in ({"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant})
         ]
         body["messages"] = lead + shots + messages[n_lead:]
+    elif endpoint == "responses":
+        apply_responses_template(body, config)
+        return
     elif isinstance(body.get("prompt"), str) and (config.system_prompt or config.few_shot):
         parts = [config.system_prompt] if config.system_prompt else []
         parts += [f"{ex.user}\n{ex.assistant}" for ex in config.few_shot]
@@ -149,7 +156,10 @@ class OpenAIServing:
 
     # --- entry points ----------------------------------------------------------------------------
     async def create(
-        self, endpoint: Endpoint, request: ChatCompletionRequest | CompletionRequest, user_header: str | None
+        self,
+        endpoint: Endpoint,
+        request: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
+        user_header: str | None,
     ) -> JSONResponse | StreamingResponse:
         self.resolver.check(request.model)
         body = request.model_dump(exclude_unset=True, mode="json")
@@ -160,10 +170,13 @@ class OpenAIServing:
         apply_alias_template(endpoint, body, route.config)
         body["model"] = route.target_model
         stream = bool(request.stream)
-        if stream:
+        request_id = _ID_PREFIX[endpoint] + uuid.uuid4().hex
+        if endpoint == "responses":
+            upstream_body(body, request_id)
+        elif stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         record = RequestRecord(
-            request_id=_ID_PREFIX[endpoint] + uuid.uuid4().hex,
+            request_id=request_id,
             endpoint=endpoint,
             route=route,
             body=body,
@@ -221,8 +234,13 @@ class OpenAIServing:
                 self._finish(record, 499, "client closed the connection")
                 resp.close()
 
+        rewrite = (
+            ResponseEventRewriter(record)
+            if isinstance(request, ResponsesRequest)
+            else ChunkRewriter(record, request.wants_usage_in_stream)
+        )
         return GuardedStreamingResponse(
-            self._stream(record, backend, resp, first or [], batches, request.wants_usage_in_stream),
+            self._stream(record, backend, resp, first or [], batches, rewrite),
             on_disconnect=client_gone,
             on_close=close_if_never_streamed,
             media_type="text/event-stream",
@@ -267,9 +285,12 @@ class OpenAIServing:
         except (ValueError, TypeError) as exc:  # not a JSON object: a broken or wrong back-end
             self._finish(record, 502, f"invalid JSON from the back-end: {exc}")
             raise OpenAIError(502, "the vLLM back-end answered with invalid JSON", code="backend_error") from exc
-        drop_spec_nulls(data)
-        self._take_usage(record, data.get("usage"))
-        take_choices(record, data.get("choices"))
+        if record.endpoint == "responses":
+            take_response(record, data)
+        else:
+            drop_spec_nulls(data)
+            self._take_usage(record, data.get("usage"))
+            take_choices(record, data.get("choices"))
         self._finish(record, 200, None)
         await self._commit()
         return JSONResponse(data, headers=headers)
@@ -281,11 +302,12 @@ class OpenAIServing:
         resp: UpstreamResponse,
         first: list[bytes],
         batches: AsyncIterator[list[bytes]],
-        client_wants_usage: bool,
+        rewrite: ChunkRewriter | ResponseEventRewriter,
     ) -> AsyncIterator[bytes]:
-        """The client's stream: each batch of upstream events that arrived together goes out as one write."""
+        """The client's stream: each batch of upstream events that arrived together goes out as one write.
+        Chat and completions streams end with `[DONE]`; a /v1/responses stream with the end of vLLM's message."""
         status, error = 200, None
-        rewrite = ChunkRewriter(record, client_wants_usage)
+        frame = rewrite.frame_prefix
         complete = False
         try:
             batch: list[bytes] | None = first
@@ -312,10 +334,17 @@ class OpenAIServing:
                     else:
                         chunk = rewrite(payload)
                         if chunk is not None:
-                            out += (b"data: ", chunk, b"\n\n")
+                            out += (frame, chunk, b"\n\n")
                 if out:
                     yield b"".join(out)
                 batch = await anext(batches, None)
+            # vLLM's message ended without [DONE]: how a /v1/responses stream ends (after its last event)
+            if not record.finished:
+                backend.in_flight -= 1
+                failure = rewrite.failure
+                self._finish(record, 502 if failure else status, failure or error)
+                await self._commit()  # the event is durable before the client sees the end
+            complete = True
         except UpstreamError as exc:
             if record.client_gone:  # we cut the upstream ourselves
                 status, error = 499, "client closed the stream"

@@ -18,7 +18,9 @@ import msgspec
 from core.serving_config import AliasConfig
 from feedback.experiments import Arm, Experiment
 
-Endpoint = Literal["chat", "completions"]
+from .responses_log import chat_view
+
+Endpoint = Literal["chat", "completions", "responses"]
 
 
 class _FunctionDelta(msgspec.Struct):
@@ -53,6 +55,15 @@ class _Chunk(msgspec.Struct):
 _STREAM_CHUNKS = msgspec.json.Decoder(list[_Chunk])
 
 
+class _TextDelta(msgspec.Struct):
+    """A /v1/responses `response.output_text.delta` event: what the log needs of it."""
+
+    delta: str | None = None
+
+
+_TEXT_DELTAS = msgspec.json.Decoder(list[_TextDelta])
+
+
 @dataclass
 class StreamPart:
     """One choice's share of one stream chunk: text, finish reason, tool-call fragments."""
@@ -79,7 +90,7 @@ def _call(t: _ToolCallDelta) -> tuple[int, str | None, str | None, str | None]:
     return t.index, t.id, t.function.name if t.function else None, t.function.arguments if t.function else None
 
 
-def _str_or_none(value: Any) -> str | None:
+def str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
@@ -92,11 +103,11 @@ def _lenient_parts(raw: bytes, chat: bool) -> list[StreamPart]:
             for t in delta.get("tool_calls") or [] if isinstance(delta, dict) else []:
                 fn = t.get("function") or {}
                 index = t.get("index") if isinstance(t.get("index"), int) else 0
-                calls.append((index, _str_or_none(t.get("id")), _str_or_none(fn.get("name")),
-                              _str_or_none(fn.get("arguments"))))  # fmt: skip
-            text = _str_or_none(delta.get("content") if chat else c.get("text"))
+                calls.append((index, str_or_none(t.get("id")), str_or_none(fn.get("name")),
+                              str_or_none(fn.get("arguments"))))  # fmt: skip
+            text = str_or_none(delta.get("content") if chat else c.get("text"))
             index = c.get("index") if isinstance(c.get("index"), int) else 0
-            parts.append(StreamPart(index, text, _str_or_none(c.get("finish_reason")), calls))
+            parts.append(StreamPart(index, text, str_or_none(c.get("finish_reason")), calls))
     return parts
 
 
@@ -152,6 +163,12 @@ class RequestRecord:
     stream_chunks: list[bytes] = field(default_factory=list)
 
     @property
+    def logged_body(self) -> dict[str, Any]:
+        """The request as the log keeps it: chat's and completions' bodies as sent on; a /v1/responses
+        request in chat's shape (serving/responses_log.py)."""
+        return chat_view(self.body) if self.endpoint == "responses" else self.body
+
+    @property
     def completion_text(self) -> str:
         self._parse_stream_chunks()
         return "".join(self.texts.get(0, []))
@@ -195,6 +212,10 @@ class RequestRecord:
         if not self.stream_chunks:
             return
         raw, self.stream_chunks = b"[" + b",".join(self.stream_chunks) + b"]", []
+        if self.endpoint == "responses":  # what a cut-off stream sent: its text deltas (choice 0)
+            for event in _TEXT_DELTAS.decode(raw):
+                self.add_text(0, event.delta)
+            return
         for part in stream_parts(raw, chat=self.endpoint == "chat"):
             self.add_text(part.index, part.text)
             self.add_finish(part.index, part.finish_reason)
@@ -264,13 +285,13 @@ def take_choices(record: RequestRecord, choices: Any) -> None:
         index = raw_index if isinstance(raw_index, int) else 0
         message = _object(choice.get("message"))
         text = choice.get("text") if record.endpoint == "completions" else message.get("content")
-        record.add_text(index, _str_or_none(text))
-        record.add_finish(index, _str_or_none(choice.get("finish_reason")))
+        record.add_text(index, str_or_none(text))
+        record.add_finish(index, str_or_none(choice.get("finish_reason")))
         calls = message.get("tool_calls")
         for n, call in enumerate(calls if isinstance(calls, list) else []):
             call, fn = _object(call), _object(_object(call).get("function"))
-            record.add_tool_call(index, n, _str_or_none(call.get("id")), _str_or_none(fn.get("name")),
-                                 _str_or_none(fn.get("arguments")))  # fmt: skip
+            record.add_tool_call(index, n, str_or_none(call.get("id")), str_or_none(fn.get("name")),
+                                 str_or_none(fn.get("arguments")))  # fmt: skip
 
 
 Observer = Callable[[RequestRecord], None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -13,12 +14,13 @@ from pydantic import BaseModel, ValidationError
 from .dependencies import ApiKey, HealthGuard, MetricsGuard, ServingDep, check_api_key
 from .errors import OpenAIError
 from .openai_serving import OpenAIServing
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from .records import Endpoint
+from .responses import check_stateless
 
 router = APIRouter()
 
-Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest)
+Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -51,8 +53,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _forward(request: Request, endpoint: Endpoint, model: type[Req]) -> Response:
-    """The two generation routes read their parts from app.state and parse the body with pydantic's
+async def _forward(
+    request: Request, endpoint: Endpoint, model: type[Req], check: Callable[[Req], None] | None = None
+) -> Response:
+    """The generation routes read their parts from app.state and parse the body with pydantic's
     JSON parser themselves: FastAPI's dependency and body machinery took about a quarter of the
     gateway's CPU per request (bench/gateway_cpu.py), and requests of a burst wait for it."""
     state = request.app.state
@@ -62,6 +66,8 @@ async def _forward(request: Request, endpoint: Endpoint, model: type[Req]) -> Re
         body = model.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+    if check is not None:
+        check(body)
     serving: OpenAIServing = state.serving
     return await serving.create(endpoint, body, request.headers.get("x-loraloop-user"))
 
@@ -74,6 +80,19 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions", response_model=None, openapi_extra=_json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _forward(request, "completions", CompletionRequest)
+
+
+@router.post("/v1/responses", response_model=None, openapi_extra=_json_body(ResponsesRequest))
+async def responses(request: Request) -> Response:
+    return await _forward(request, "responses", ResponsesRequest, check_stateless)
+
+
+@router.api_route("/v1/responses/{response_id:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+async def stored_response(response_id: str, _: ApiKey) -> Response:
+    """Retrieving, cancelling, deleting a response or listing its input items needs stored responses."""
+    raise OpenAIError(400, f"`{response_id}`: responses are not stored, so they cannot be retrieved, cancelled, "
+                      "deleted or listed; keep what POST /v1/responses answered", param="response_id",
+                      code="unsupported_endpoint")  # fmt: skip
 
 
 def _model_card(request: Request, name: str) -> dict[str, Any]:

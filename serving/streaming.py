@@ -66,6 +66,11 @@ class ChunkRewriter:
         rb'\{"id":("(?:[^"\\]|\\.)*"),"object":("(?:[^"\\]|\\.)*"),"created":(\d+),"model":("(?:[^"\\]|\\.)*")'
     )
 
+    #: what goes before each chunk in the client's stream
+    frame_prefix = b"data: "
+    #: chat and completions streams report errors in the stream itself, not here (ResponseEventRewriter does)
+    failure: str | None = None
+
     def __init__(self, record: RequestRecord, client_wants_usage: bool) -> None:
         self.record = record
         self.client_wants_usage = client_wants_usage

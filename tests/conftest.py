@@ -23,9 +23,10 @@ from tests.fake_vllm import build_fake_vllm, reset_fake_vllm, serve_in_thread
 API_KEY = "sk-live-test-key-42"
 ADMIN_KEY = "adm-live-test-key-42"
 REPO = Path(__file__).resolve().parent.parent
-# the session's vLLM parses tool calls (tests/test_request_log_live.py): `pythonic` needs no special tokens,
-# which the tiny model's tokenizer lacks; a named tool choice gives schema-constrained arguments
-TOOL_CALLING = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+# the session's vLLM parses tool calls (backends.managed.tool_calling; tests/test_request_log_live.py,
+# tests/test_tool_calls_live.py): `pythonic` needs no special tokens, which the tiny model's tokenizer lacks; a named
+# tool choice gives schema-constrained arguments. The model's own template stays (the label adapters learnt on it).
+TOOL_CALLING = {"parser": "pythonic"}
 BASE_ALIASES: dict[str, Any] = {"tiny": {}, "tiny-greedy": {"defaults": {"temperature": 0.0, "max_tokens": 8}}}
 
 
@@ -146,7 +147,13 @@ def start_gateway(settings: Settings, model_path: str | None, *, wait_healthy_s:
     return LiveGateway(g.app, g.settings, g.url, g.server, g.thread)
 
 
-def live_settings(model_dir: Path, cache: Path, vllm_args: tuple[str, ...] = (), **extra: Any) -> Settings:
+def live_settings(
+    model_dir: Path,
+    cache: Path,
+    vllm_args: tuple[str, ...] = (),
+    tool_calling: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "model": str(model_dir),
         "model_cache_dir": str(cache),
@@ -161,6 +168,7 @@ def live_settings(model_dir: Path, cache: Path, vllm_args: tuple[str, ...] = (),
                 "max_model_len": 1024,
                 "startup_timeout_s": 600,
                 "extra_args": list(vllm_args),
+                "tool_calling": tool_calling or {},
             },
         },
         "aliases": BASE_ALIASES,
@@ -179,7 +187,7 @@ def live_gateway(
     settings = live_settings(
         tiny_model_dir,
         cache,
-        TOOL_CALLING,
+        tool_calling=TOOL_CALLING,
         adapter_root=str(label_adapters),
         state_dir=str(cache / "state"),
         adapters={"alpha": {"path": "alpha"}, "bravo": {"path": "bravo"}},

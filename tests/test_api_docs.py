@@ -72,7 +72,7 @@ def test_every_body_field_is_listed_and_every_example_validates() -> None:
         for example in examples:
             jsonschema.validate(json.loads(example), schema)
             checked += 1
-    assert checked == 5
+    assert checked == 6
     for name in ("FeedbackIn", "RegisterAdapter", "PointAlias", "CreateExperiment", "UpdateExperiment"):
         component = spec["components"]["schemas"][name]
         assert component["examples"], name
@@ -92,7 +92,7 @@ def test_a_broken_example_is_caught() -> None:
 
 #: The order the examples run in: a story (the page is ordered as a reference).
 RUN_ORDER = [
-    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"), ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"), ("POST", "/v1/feedback"), ("GET", "/health"), ("GET", "/metrics"),
     ("POST", "/admin/adapters"), ("GET", "/admin/adapters"), ("PUT", "/admin/aliases/{alias}"),
     ("GET", "/admin/aliases"), ("POST", "/admin/experiments"), ("GET", "/admin/experiments"),

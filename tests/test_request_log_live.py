@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +91,36 @@ def test_tool_calls_are_logged_whole_streamed_or_not(live_gateway: LiveGateway, 
     assert row["tools"] == TOOLS and row["tool_choice"] == NAMED
     assert row["messages"][1]["tool_calls"][0]["function"]["name"] == "lookup_order"
     assert row["messages"][2] == messages[2]  # the tool's answer, as sent
+
+
+def test_a_corrected_tool_call_is_checked_stored_and_exported_with_the_tools(
+    live_gateway: LiveGateway, tmp_path: Path
+) -> None:
+    from feedback.export import export_training_data, read_rows
+
+    rid, answer = post(live_gateway, {"messages": [{"role": "user", "content": "Where is A-17?"}], "tools": TOOLS,
+                                      "tool_choice": NAMED})  # fmt: skip
+    made = answer["choices"][0]["message"]["tool_calls"][0]["function"]
+    wanted = {"tool_calls": [{"type": "function", "function": {"name": "lookup_order",
+                                                               "arguments": {"order_id": "A-17"}}}]}  # fmt: skip
+    unknown = {"tool_calls": [{"type": "function", "function": {"name": "refund", "arguments": "{}"}}]}
+    broken = {"tool_calls": [{"type": "function", "function": {"name": "lookup_order", "arguments": "{A-17"}}]}
+    with live_gateway.client() as c:
+        sent = [c.post("/v1/feedback", json={"request_id": rid, "kind": "correction", "value": v})
+                for v in (unknown, broken, wanted)]  # fmt: skip
+    assert [r.status_code for r in sent] == [400, 400, 201], [r.text for r in sent]
+    assert sent[0].json()["error"]["message"] == (
+        "the correction calls refund, which the request did not offer (its tools: lookup_order)"
+    )
+    assert sent[1].json()["error"]["message"] == "tool_calls[0].function.arguments is not valid JSON"
+    live_gateway.app.state.store.flush()
+    export_training_data(live_gateway.settings.store.root, tmp_path, lag_s=0, formats=("jsonl",), as_datasets=False)
+    sft = [r for r in read_rows(tmp_path / "sft.jsonl") if r["request_id"] == rid]
+    pairs = [r for r in read_rows(tmp_path / "pairs.jsonl") if r["chosen_request_id"] == rid]
+    assert [(r["origin"], r["tools"]) for r in sft] == [("correction", TOOLS)]
+    assert sft[0]["completion_tool_calls"] == [{"id": None, "name": "lookup_order", "arguments": '{"order_id":"A-17"}'}]
+    if made["arguments"].replace(" ", "") != '{"order_id":"A-17"}':  # the tiny model rarely gets it right
+        assert len(pairs) == 1 and pairs[0]["rejected_tool_calls"][0]["arguments"] == made["arguments"]
 
 
 def test_media_parts_are_logged_as_references_and_feedback_can_target_a_choice(live_gateway: LiveGateway) -> None:

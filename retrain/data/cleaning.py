@@ -14,8 +14,8 @@ from collections import Counter
 from typing import Any
 
 from retrain.config import CleaningConfig
-from retrain.data.formatting import Formatter
-from retrain.data.sources import answer_texts, map_texts, row_texts
+from retrain.data.formatting import Formatter, TemplateDropsToolCalls
+from retrain.data.sources import ANSWER_FIELDS, answer_texts, map_texts, row_texts
 
 # Lone surrogates, U+FFFD and control characters other than tab, newline and carriage return.
 _BROKEN = re.compile(r"[\ud800-\udfff\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -157,7 +157,9 @@ def check_lengths(
     for row in rows:
         try:
             prompt = formatter.prompt(row)
-            answers = [formatter.completion(row, prompt, a) for a in answer_texts(row)]
+            answers = [formatter.answer(row, prompt, f) for f in ANSWER_FIELDS[row.get("kind", "sft")]]
+        except TemplateDropsToolCalls:
+            raise  # the recipe's template is wrong for this data: every tool-call row would be lost
         except Exception:  # jinja errors, role-alternation checks of some templates
             dropped["template_error"] += 1
             continue

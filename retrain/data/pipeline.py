@@ -21,7 +21,7 @@ from retrain.data.augment import augment_rows
 from retrain.data.balance import attribute_value, balance_rows
 from retrain.data.cleaning import check_lengths, clean_rows
 from retrain.data.dedupe import dedupe_rows
-from retrain.data.formatting import Formatter
+from retrain.data.formatting import Formatter, TemplateDropsToolCalls, load_chat_template
 from retrain.data.pii import Scrubber, scrub_rows
 from retrain.data.sources import load_seed_dataset, normalize_rows
 from retrain.data.splits import SPLITS, assign_splits, fold_rows
@@ -41,6 +41,10 @@ class StageStats:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+_JSON_COLUMNS = ("messages", "tools", "tool_choice", "response_format", "answer_tool_calls", "chosen_tool_calls",
+                 "rejected_tool_calls")  # fmt: skip
+
+
 @dataclass
 class PreparedData:
     """Formatted rows per dataset and split, and the statistics of every stage."""
@@ -53,7 +57,9 @@ class PreparedData:
         """``{"sft": DatasetDict, "pairs": DatasetDict}`` with one ``datasets.Dataset`` per split.
 
         ``messages`` becomes ``messages_json`` (a JSON string): a list-of-messages column next to the
-        rendered ``prompt`` would make TRL take the rows for conversational ones. Needs ``datasets``.
+        rendered ``prompt`` would make TRL take the rows for conversational ones; ``tools``, the tool-call
+        columns and ``response_format`` likewise (their objects differ in shape from row to row, which an
+        Arrow column cannot hold). Needs ``datasets``.
         """
         from datasets import Dataset, DatasetDict
 
@@ -61,8 +67,10 @@ class PreparedData:
             out = []
             for row in rows:
                 row = dict(row)
-                messages = row.pop("messages", None)
-                row["messages_json"] = json.dumps(messages, ensure_ascii=False) if messages is not None else None
+                for name in _JSON_COLUMNS:
+                    if name in row:
+                        value = row.pop(name)
+                        row[f"{name}_json"] = json.dumps(value, ensure_ascii=False) if value is not None else None
                 out.append(row)
             return Dataset.from_list(out)
 
@@ -140,7 +148,8 @@ def _prepare_kind(
     rows, dropped = normalize_rows(rows_in, kind)
     rows = _unique_ids(rows, dropped)
     rec.add(f"{kind}:load", len(rows_in), len(rows), dropped, {})
-    if any(r["messages"] for r in rows) and not getattr(formatter.tokenizer, "chat_template", None):
+    has_template = formatter.chat_template or getattr(formatter.tokenizer, "chat_template", None)
+    if any(r["messages"] for r in rows) and not has_template:
         raise ValueError("the base tokenizer has no chat template: chat rows cannot be formatted")
 
     n = len(rows)
@@ -188,6 +197,8 @@ def _prepare_kind(
         for row in by_split[split]:
             try:
                 out[split].append(formatter.format_row(row))
+            except TemplateDropsToolCalls:
+                raise
             except Exception:  # the cleaning stage rendered these prompts already; kept for safety
                 dropped["template_error"] += 1
     notes = {s: len(out[s]) for s in SPLITS}
@@ -225,7 +236,7 @@ def prepare(
         inputs["pairs"] += seed_data.pairs
         n_sft, n_pairs = len(seed_data.sft), len(seed_data.pairs)
         rec.log.info("seed dataset %s: %d SFT rows, %d pairs", cfg.seed_dataset, n_sft, n_pairs)
-    formatter = Formatter(tokenizer)
+    formatter = Formatter(tokenizer, load_chat_template(cfg.chat_template))
     result = {kind: _prepare_kind(kind, inputs[kind], cfg, formatter, seed, rec) for kind in ("sft", "pairs")}
     prepared = PreparedData(result["sft"], result["pairs"], rec.stats)
     originals = sum(

@@ -1,9 +1,12 @@
 """Thin adapters from the event store's export (or Parquet/JSONL files) to plain row dicts.
 
 A *normalised* row has: ``kind`` ('sft' | 'pairs'), ``row_id``, ``origin``, ``messages`` (list of
-{role, content} — the prompt conversation without the answer) or ``prompt`` (completions text),
-``completion`` (SFT) or ``chosen`` / ``rejected`` (pairs), ``request_id``, ``available_at`` (str),
-``metadata`` (dict), ``labels`` (list[str]) and every other exported column unchanged.
+{role, content} — the prompt conversation without the answer; assistant turns may carry ``tool_calls``,
+``tool`` turns the results) or ``prompt`` (completions text), ``completion`` (SFT) or ``chosen`` /
+``rejected`` (pairs), each answer's tool calls in ``<answer>_tool_calls`` (a list of ``{id, name,
+arguments}``, ``arguments`` JSON text; None for a text answer), ``tools`` (the request's tool definitions or
+None), ``request_id``, ``available_at`` (str), ``metadata`` (dict), ``labels`` (list[str]) and every other
+exported column unchanged.
 """
 
 from __future__ import annotations
@@ -34,30 +37,86 @@ def content_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def calls_text(calls: list[dict[str, Any]] | None) -> str:
+    """Tool calls as one line each, ``name(arguments)``: how they count in dedupe keys and text checks."""
+    return "\n".join(f"{c.get('name')}({c.get('arguments')})" for c in calls or ())
+
+
+def _joined(text: Any, calls: list[dict[str, Any]] | None) -> str:
+    parts = [str(text or ""), calls_text(calls)]
+    return "\n".join(p for p in parts if p)
+
+
 def prompt_text(row: dict[str, Any]) -> str:
-    """The prompt as one string: 'role: content' lines for chat rows, the text for completions rows."""
+    """The prompt as one string: 'role: content' lines for chat rows (tool calls included, then the names of
+    the tools offered), the text for completions rows."""
     messages = row.get("messages")
-    if messages:
-        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
-    return str(row.get("prompt") or "")
+    if not messages:
+        return str(row.get("prompt") or "")
+    lines = [f"{m.get('role', '')}: {_joined(m.get('content'), m.get('tool_calls'))}" for m in messages]
+    names = [str((t.get("function") or {}).get("name")) for t in row.get("tools") or () if isinstance(t, dict)]
+    return "\n".join([*lines, *([f"tools: {', '.join(names)}"] if names else [])])
 
 
 def answer_texts(row: dict[str, Any]) -> list[str]:
-    """The answers of a row: [completion] (SFT) or [chosen, rejected] (pairs)."""
-    return [str(row.get(f) or "") for f in ANSWER_FIELDS[row.get("kind", "sft")]]
+    """The answers of a row: [completion] (SFT) or [chosen, rejected] (pairs), tool calls as lines."""
+    return [_joined(row.get(f), row.get(f"{f}_tool_calls")) for f in ANSWER_FIELDS[row.get("kind", "sft")]]
+
+
+def _map_arguments(arguments: str, fn: Callable[[str], str]) -> str:
+    """``fn`` on every string inside a call's JSON arguments (the JSON stays valid); on the text when it is not
+    JSON."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return fn(arguments)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return fn(v)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(walk(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _map_calls(calls: Any, fn: Callable[[str], str]) -> Any:
+    if not isinstance(calls, list):
+        return calls
+    return [{**c, "arguments": _map_arguments(str(c.get("arguments") or ""), fn)} for c in calls]
 
 
 def map_texts(row: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
-    """A copy of ``row`` with ``fn`` applied to every message content, the text prompt and the answers."""
+    """A copy of ``row`` with ``fn`` applied to every message content, the text prompt, the answers and every
+    string in tool-call arguments."""
     out = dict(row)
     if out.get("messages"):
-        out["messages"] = [{**m, "content": fn(m["content"])} for m in out["messages"]]
+        out["messages"] = [_map_message(m, fn) for m in out["messages"]]
     if isinstance(out.get("prompt"), str):
         out["prompt"] = fn(out["prompt"])
     for f in ANSWER_FIELDS[out.get("kind", "sft")]:
         if isinstance(out.get(f), str):
             out[f] = fn(out[f])
+        if out.get(f"{f}_tool_calls"):
+            out[f"{f}_tool_calls"] = _map_calls(out[f"{f}_tool_calls"], fn)
     return out
+
+
+def _map_message(m: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    out = {**m, "content": fn(m["content"])}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [_map_openai_call(c, fn) for c in m["tool_calls"]]
+    return out
+
+
+def _map_openai_call(call: Any, fn: Callable[[str], str]) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    return {**call, "function": {**function, "arguments": _map_arguments(function["arguments"], fn)}}
 
 
 def row_texts(row: dict[str, Any]) -> list[str]:
@@ -95,10 +154,34 @@ def _messages(value: Any) -> list[dict[str, Any]] | None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             return None
         content = _content(m.get("content"))
+        if content is None and m.get("content") is None and m.get("role") == "assistant" and m.get("tool_calls"):
+            content = ""  # an assistant turn that only called tools
         if content is None:
             return None
         out.append({**m, "content": content})
     return out
+
+
+def _tool_calls(value: Any) -> list[dict[str, Any]] | None:
+    """An answer's tool calls as ``[{id, name, arguments}]`` (None when there are none or they are malformed)."""
+    value = _json_value(value)
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in value):
+        return None
+    return [{"id": c.get("id"), "name": c["name"], "arguments": str(c.get("arguments") or "{}")} for c in value]
+
+
+def _answers(out: dict[str, Any], kind: str) -> bool:
+    """Normalise the answers and their tool calls in place; False when an answer is missing."""
+    for f in ANSWER_FIELDS[kind]:
+        calls = _tool_calls(out.get(f"{f}_tool_calls"))
+        out[f"{f}_tool_calls"] = calls
+        if calls is not None and out.get(f) is None:
+            out[f] = ""  # a call with no text
+        if not isinstance(out.get(f), str):
+            return False
+    return True
 
 
 def normalize_row(row: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -112,10 +195,14 @@ def normalize_row(row: dict[str, Any], kind: str) -> dict[str, Any] | None:
         return None  # malformed conversation (non-text content, missing roles)
     if messages is None and not isinstance(prompt, str):
         return None
-    if kind == "sft" and not isinstance(out.get("completion"), str):
+    if not _answers(out, kind):
         return None
-    if kind == "pairs" and not (isinstance(out.get("chosen"), str) and isinstance(out.get("rejected"), str)):
-        return None
+    tools = _json_value(row.get("tools"))
+    out["tools"] = tools if isinstance(tools, list) and tools else None
+    response_format = _json_value(row.get("response_format"))
+    out["response_format"] = response_format if isinstance(response_format, dict) else None
+    tool_choice = _json_value(row.get("tool_choice"))
+    out["tool_choice"] = tool_choice if isinstance(tool_choice, dict | str) and out["tools"] else None
     if messages and messages[-1].get("role") == "assistant" and messages[-1]["content"] == out.get("completion"):
         messages = messages[:-1]  # the answer was logged with the prompt; the answer is `completion`
         if not messages:

@@ -101,3 +101,60 @@ def test_parse_watermark():
     assert parse_watermark(None) is None and parse_watermark("") is None
     assert parse_watermark("2025-01-02T03:04:05Z") == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert parse_watermark("2025-01-02T03:04:05").tzinfo is not None  # type: ignore[union-attr]
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {
+        "order_id": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "escalate", "parameters": {"type": "object", "properties": {}}}},
+]  # fmt: skip
+WHERE = [{"role": "user", "content": "Where is my order A-7?"}]
+
+
+def _choice(index: int, text: str | None, *calls: tuple[str, str]) -> dict[str, object]:
+    tool_calls = [{"id": f"call_{index}_{k}", "name": n, "arguments": a} for k, (n, a) in enumerate(calls)]
+    return {"index": index, "text": text, "finish_reason": "tool_calls" if calls else "stop", "tool_calls": tool_calls}
+
+
+def test_export_keeps_tools_choices_and_corrected_tool_calls(tmp_path: Path):
+    root = tmp_path / "events"
+    with EventStore(StoreConfig(root=root), "gw") as s:
+        # n=2: choice 0 escalates, choice 1 looks the order up; the user rates them apart
+        s.submit(make_request("n2", messages=WHERE, tools=TOOLS, completion=None,
+                              choices=[_choice(0, None, ("escalate", "{}")),
+                                       _choice(1, None, ("lookup_order", '{"order_id": "a7"}'))]))  # fmt: skip
+        s.write_feedback(_fb("n2", "thumbs", False, choice_index=0))
+        s.write_feedback(_fb("n2", "thumbs", True, choice_index=1))
+        # a wrong call corrected: the argument is written the way this app wants it
+        s.submit(make_request("fix", messages=WHERE, tools=TOOLS, completion=None,
+                              choices=[_choice(0, None, ("lookup_order", '{"order_id": "a7"}'))]))  # fmt: skip
+        call = {"type": "function", "function": {"name": "lookup_order", "arguments": {"order_id": "A-7"}}}
+        corrected = {"tool_calls": [call]}
+        s.write_feedback(_fb("fix", "correction", corrected))
+        # the same call re-typed with other whitespace is no pair
+        s.submit(make_request("same", messages=WHERE, tools=TOOLS, completion=None,
+                              choices=[_choice(0, None, ("lookup_order", '{"order_id":"A-7"}'))]))  # fmt: skip
+        s.write_feedback(_fb("same", "correction", {"tool_calls": [{"function": {
+            "name": "lookup_order", "arguments": '{"order_id": "A-7"}'}}]}))  # fmt: skip
+    out = tmp_path / "export"
+    result = export_training_data(root, out, lag_s=0)
+    assert result.counts == {"sft": 3, "pairs": 2}
+    sft = {(r["request_id"], r["origin"]): r for r in read_rows(out / "sft.jsonl")}
+    good = sft[("rn2", "rated_good")]
+    assert good["choice_index"] == 1 and good["tools"] == TOOLS and good["messages"] == WHERE
+    assert [(c["name"], json.loads(c["arguments"])) for c in good["completion_tool_calls"]] == [
+        ("lookup_order", {"order_id": "a7"})
+    ]
+    fix = sft[("rfix", "correction")]
+    assert fix["completion"] == "" and fix["completion_tool_calls"] == [
+        {"id": None, "name": "lookup_order", "arguments": '{"order_id":"A-7"}'}
+    ]
+    pairs = {r["origin"]: r for r in read_rows(out / "pairs.jsonl")}
+    rating = pairs["rating"]  # two choices of one request
+    assert rating["chosen_request_id"] == rating["rejected_request_id"] == "rn2"
+    assert [c["name"] for c in rating["chosen_tool_calls"]] == ["lookup_order"]
+    assert [c["name"] for c in rating["rejected_tool_calls"]] == ["escalate"]
+    correction = pairs["correction"]
+    assert correction["chosen_request_id"] == "rfix" and correction["tools"] == TOOLS
+    assert json.loads(correction["chosen_tool_calls"][0]["arguments"]) == {"order_id": "A-7"}
+    assert json.loads(correction["rejected_tool_calls"][0]["arguments"]) == {"order_id": "a7"}

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import ConfigError
 from retrain.data.formatting import IGNORE_INDEX, Formatter, auto_bos_id, tokenize_with_mask
 from retrain.data.sources import normalize_rows
 
@@ -92,3 +93,70 @@ def test_bos_not_doubled_when_the_tokenizer_adds_it(tiny_model_dir: Path) -> Non
     enc = tokenize_with_mask(out, tok, 512)
     assert enc["input_ids"][0] == bos and enc["input_ids"].count(bos) == 1
     assert enc["input_ids"] == tok(out["prompt"] + out["completion"])["input_ids"]
+
+
+# A ChatML template that shows the tools in a system turn and writes calls in the pythonic style
+# (`[name(key="value")]`, what vLLM's `pythonic` parser reads back).
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}<|im_end|>\n"
+    "{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}[{% for c in m.tool_calls %}"
+    "{{ c.function.name }}({% for k, v in c.function.arguments.items() %}{{ k }}={{ v | tojson }}"
+    "{% if not loop.last %}, {% endif %}{% endfor %}){% if not loop.last %}, {% endif %}{% endfor %}]"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "escalate", "parameters": {"type": "object"}}}]  # fmt: skip
+WHERE = [
+    {"role": "user", "content": "Where is A-7?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c0", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "a7"}'}}]},
+    {"role": "tool", "tool_call_id": "c0", "content": "no such order"},
+    {"role": "user", "content": "Try again, the id is A-7"},
+]  # fmt: skip
+
+
+def test_tool_rows_render_tools_and_calls_with_the_serving_template(tok: Any) -> None:
+    call = [{"id": None, "name": "lookup_order", "arguments": '{"order_id":"A-7"}'}]
+    row = {"row_id": "t", "messages": WHERE, "tools": TOOLS, "completion": None, "completion_tool_calls": call}
+    norm, dropped = normalize_rows([row], "sft")
+    assert not dropped
+    out = Formatter(tok, chat_template=TOOLS_TEMPLATE).format_row(norm[0])
+    assert out["prompt"].startswith("<|im_start|>system\nTools: lookup_order escalate <|im_end|>\n")
+    # the earlier call in the conversation is rendered from its logged JSON text, the tool's answer kept
+    assert '[lookup_order(order_id="a7")]<|im_end|>\n<|im_start|>tool\nno such order' in out["prompt"]
+    assert out["completion"] == '[lookup_order(order_id="A-7")]<|im_end|>'
+    assert out["tools"] == TOOLS and out["answer_tool_calls"] == call
+
+
+def test_pairs_of_tool_calls_render_both_answers(tok: Any) -> None:
+    row = {"row_id": "p", "messages": WHERE[:1], "tools": TOOLS, "chosen": "", "rejected": "",
+           "chosen_tool_calls": [{"name": "lookup_order", "arguments": '{"order_id": "A-7"}'}],
+           "rejected_tool_calls": [{"name": "escalate", "arguments": "{}"}]}  # fmt: skip
+    norm, _ = normalize_rows([row], "pairs")
+    out = Formatter(tok, chat_template=TOOLS_TEMPLATE).format_row(norm[0])
+    assert (out["chosen"], out["rejected"]) == ('[lookup_order(order_id="A-7")]<|im_end|>', "[escalate()]<|im_end|>")
+
+
+def test_a_template_without_tool_calls_is_an_error_not_a_silent_loss(tok: Any) -> None:
+    from retrain.data.formatting import TemplateDropsToolCalls
+
+    row = {"row_id": "t", "messages": WHERE[:1], "tools": TOOLS, "completion": "",
+           "completion_tool_calls": [{"name": "escalate", "arguments": "{}"}]}  # fmt: skip
+    norm, _ = normalize_rows([row], "sft")
+    with pytest.raises(TemplateDropsToolCalls, match=r"data\.chat_template"):
+        Formatter(tok).format_row(norm[0])  # the tiny model's own ChatML template knows no tool calls
+
+
+def test_the_shipped_serving_template_is_found_by_name_and_renders_calls(tok: Any) -> None:
+    from retrain.data.formatting import load_chat_template
+
+    template = load_chat_template("smollm2-tools")
+    row = {"row_id": "t", "messages": WHERE[:1], "tools": TOOLS, "completion": "",
+           "completion_tool_calls": [{"name": "lookup_order", "arguments": '{"order_id": "A-7"}'}]}  # fmt: skip
+    norm, _ = normalize_rows([row], "sft")
+    out = Formatter(tok, chat_template=template).format_row(norm[0])
+    assert '"name": "lookup_order"' in out["prompt"] and out["prompt"].endswith("<|im_start|>assistant\n")
+    assert out["completion"] == '[lookup_order(order_id="A-7")]<|im_end|>'
+    with pytest.raises(ConfigError, match="neither a file nor a template shipped"):
+        load_chat_template("no-such-template")

@@ -47,6 +47,10 @@ def test_gate_passes_on_improvement_and_fails_on_slice_regression() -> None:
     ok = decide(better, reference, cfg)
     assert ok.passed and ok.scores["candidate"].overall["exact_match"] == 1.0
     assert "PASSED" in ok.table()
+    ok.notes.append("search: the best trial's validation loss 0.5000 ± 0.1000 (2 folds), mean ± sd over the folds")
+    assert ok.table().endswith(
+        "\n  search: the best trial's validation loss 0.5000 ± 0.1000 (2 folds), mean ± sd over the folds"
+    )  # how a cross-validated search shows under the verdict
 
     # better overall (0.5 -> 0.75) but the label=positive slice drops from 1.0 to 0.5
     preds = [

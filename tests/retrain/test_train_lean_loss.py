@@ -63,7 +63,7 @@ def test_completion_loss_equals_model_loss(tiny_model_dir: Path, padding_free: b
     run only where a label follows."""
     import torch
 
-    from retrain.train import completion_loss
+    from retrain.trainer import completion_loss
 
     model, _ = _lora_model(tiny_model_dir)
     model.eval()  # no dropout; gradients still flow
@@ -100,12 +100,13 @@ def _rows(tok: Any) -> list[dict[str, str]]:
 
 
 def _trainer(tiny: Path, tmp: Path, rows: list[dict[str, str]], **train_kw: Any) -> Any:
-    from retrain.train import _dataset, _sft_trainer, _training_args
+    from retrain.train import _dataset
+    from retrain.trainer import sft_trainer, training_args
 
     model, tok = _lora_model(tiny)
     train = TrainSection(max_length=MAX_LENGTH, batch_size=4, **train_kw)
-    args_kw = _training_args(train, tmp, seed=0, has_eval=False, report_to=(), epochs=1.0)
-    return _sft_trainer(model, tok, train, args_kw, _dataset(rows, ["prompt", "completion"]), None)
+    args_kw = training_args(train, tmp, seed=0, has_eval=False, report_to=(), epochs=1.0)
+    return sft_trainer(model, tok, train, args_kw, _dataset(rows, ["prompt", "completion"]), None)
 
 
 def _expected(tok: Any, rows: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -172,9 +173,9 @@ def test_only_public_hooks_overridden() -> None:
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from retrain.train import _sft_trainer_class
+    from retrain.trainer import sft_trainer_class
 
-    cls = _sft_trainer_class()
+    cls = sft_trainer_class()
     overridden = sorted(n for n, v in vars(cls).items() if callable(v) and n != "__init__")
     assert overridden == ["compute_loss", "log"]
     for name in overridden:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from retrain.attention import VARLEN_ATTENTION
 from retrain.recipe import LoraSection, ModelSection, TrainSection
-from retrain.train import VARLEN_ATTENTION, train_adapter
+from retrain.train import train_adapter
 
 LENGTHS = [7, 23, 3, 41, 16]
 
@@ -19,7 +20,8 @@ LENGTHS = [7, 23, 3, 41, 16]
 def _model(tiny: Path, varlen: bool) -> Any:
     import torch
 
-    from retrain.train import attach_lora, load_base, use_varlen_attention
+    from retrain.attention import use_varlen_attention
+    from retrain.train import attach_lora, load_base
 
     torch.manual_seed(0)
     model, _ = load_base(ModelSection(base=str(tiny)))
@@ -90,7 +92,7 @@ def test_varlen_attention_grouped_query_heads() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retrain.train import use_varlen_attention
+    from retrain.attention import use_varlen_attention
 
     cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=1, attn_implementation="sdpa")  # fmt: skip
@@ -242,10 +244,10 @@ def test_packing_trains_and_is_deterministic(tiny_model_dir: Path, chat_rows: An
 
 
 def test_group_by_length_sets_the_sampler(tmp_path: Path) -> None:
-    from retrain.train import _training_args
+    from retrain.trainer import training_args
 
-    kw = _training_args(TrainSection(group_by_length=True), tmp_path, seed=0, has_eval=False, report_to=(),
-                        epochs=1.0)  # fmt: skip
+    kw = training_args(TrainSection(group_by_length=True), tmp_path, seed=0, has_eval=False, report_to=(),
+                       epochs=1.0)  # fmt: skip
     assert kw["train_sampling_strategy"] == "group_by_length"
-    assert "train_sampling_strategy" not in _training_args(TrainSection(), tmp_path, seed=0, has_eval=False,
-                                                           report_to=(), epochs=1.0)  # fmt: skip
+    assert "train_sampling_strategy" not in training_args(TrainSection(), tmp_path, seed=0, has_eval=False,
+                                                          report_to=(), epochs=1.0)  # fmt: skip

@@ -122,8 +122,77 @@ def test_early_stopping_stops_when_the_validation_loss_rises(
     first_worse = next(i for i in range(1, len(evals)) if evals[i] >= min(evals[:i]))
     assert stopped.global_step == first_worse + 1 < 40, evals
     assert stopped.best_eval_loss == pytest.approx(min(evals))
+    # and the run says why it stopped: the step, the patience, the best loss and whose weights it kept
+    why = stopped.extra["stopped_early"]
+    assert why["step"] == stopped.global_step and why["max_steps"] == 40 and why["patience"] == 1
+    assert why["best_eval_loss"] == pytest.approx(min(evals)) and why["best_step"] == first_worse
+    assert why["eval_loss"] == pytest.approx(evals[first_worse])
+    assert stopped.hyperparams["stopped_early"] == why["why"] and why["why"].startswith(f"step {first_worse + 1} of 40")
     full = _train(tiny_model_dir, rows, tmp_path, "no-es", train=TrainSection(**diverging))
     assert full.global_step == 40
+    assert full.extra["stopped_early"] is None and "stopped_early" not in full.hyperparams
+
+
+def _lora_outputs(model: Any, ids: Any, train_mode: bool) -> list[Any]:
+    import torch
+
+    model.train(train_mode)
+    with torch.no_grad():
+        return [model(input_ids=ids).logits for _ in range(2)]
+
+
+def test_lora_dropout_in_the_forward(tiny_model_dir: Path) -> None:
+    """With a LoRA dropout two forward passes in train mode differ, and not once it is 0; in eval mode they are
+    the same. (lora_B is non-zero here: a fresh adapter's B is 0, which hides the dropout at the first step.)"""
+    import torch
+
+    from retrain.train import attach_lora, load_base
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base(ModelSection(base=str(tiny_model_dir)))[0], LoraSection(r=4, dropout=0.3))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1200]])
+    a, b = _lora_outputs(model, ids, train_mode=True)
+    assert not torch.allclose(a, b)
+    a, b = _lora_outputs(model, ids, train_mode=False)
+    assert torch.equal(a, b)
+    dropouts = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+    assert dropouts and {m.p for m in dropouts} == {0.3}
+    for m in dropouts:
+        m.p = 0.0
+    a, b = _lora_outputs(model, ids, train_mode=True)
+    assert torch.equal(a, b)  # the difference above is the LoRA dropout's
+
+
+class _InitialWeights:
+    """The trainable weights when training begins."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.dropout = {m.p for n, m in model.named_modules() if "lora_dropout" in n and hasattr(m, "p")}
+
+
+def test_lora_dropout_changes_the_trained_adapter(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
+    """Same seed, same data: the adapters start equal and end different with lora.dropout 0.3 vs 0."""
+    import torch
+    from safetensors.torch import load_file
+
+    starts = {d: _InitialWeights() for d in (0.0, 0.3)}
+    train = TrainSection(max_steps=3, learning_rate=3e-3, batch_size=8)
+    runs = {d: _train(tiny_model_dir, {"train": label_rows["train"]}, tmp_path, f"d{d}", train=train,
+                      lora=LoraSection(r=4, alpha=8, dropout=d), callbacks=[starts[d]]) for d in starts}  # fmt: skip
+    assert starts[0.3].dropout == {0.3}  # the trainer keeps the dropout on
+    for name, w in starts[0.0].weights.items():
+        assert torch.equal(w, starts[0.3].weights[name])
+    a, b = (load_file(runs[d].adapter_dir / WEIGHTS) for d in (0.0, 0.3))
+    assert a.keys() == b.keys() and any(not torch.allclose(a[k], b[k]) for k in a)
 
 
 class _SeeModel:
@@ -150,11 +219,19 @@ def test_qlora_nf4_smoke(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) 
 
 
 def test_dpo_smoke(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
-    res = _train(tiny_model_dir, label_rows, tmp_path, "dpo",
-                 train=TrainSection(method="dpo", max_steps=2, learning_rate=1e-3, batch_size=4))  # fmt: skip
+    """DPO trains; a LoRA dropout stays on (TRL turns every dropout off by default); the pairs' `weight` is
+    not applied, and the run says so."""
+    start = _InitialWeights()
+    weighted = {split: [{**r, "weight": 2.0 if i % 2 else 0.5} for i, r in enumerate(rows)]
+                for split, rows in label_rows.items()}  # fmt: skip
+    res = _train(tiny_model_dir, weighted, tmp_path, "dpo", lora=LoraSection(r=4, alpha=8, dropout=0.1),
+                 train=TrainSection(method="dpo", max_steps=2, learning_rate=1e-3, batch_size=4),
+                 callbacks=[start])  # fmt: skip
     assert res.global_step == 2 and (res.adapter_dir / WEIGHTS).is_file()
     assert any("rewards/margins" in h for h in res.log_history)
     assert res.best_eval_loss is not None
+    assert start.dropout == {0.1}
+    assert res.hyperparams["row_weights"].startswith("ignored: DPO")
 
 
 def test_optuna_search_picks_best(tiny_model_dir: Path, label_rows: Any, tmp_path: Path) -> None:
