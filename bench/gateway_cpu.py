@@ -78,13 +78,17 @@ def main() -> None:
                     tokens = args.requests * args.tokens
                     per_token.append(gw_cpu / tokens * 1e6)
                     per_request.append(gw_cpu / args.requests * 1e6)
-                    ratio.append(gw_cpu / up_cpu)
+                    if up_cpu > 0:  # CPU times tick in 10 ms: a tiny smoke run can measure none upstream
+                        ratio.append(gw_cpu / up_cpu)
                 print(f"concurrency {args.concurrency}, {args.requests} requests x {args.tokens} tokens, "
                       f"median of {args.rounds} rounds:")  # fmt: skip
                 print(f"  gateway CPU per token:   {statistics.median(per_token):7.1f} us")
                 print(f"  gateway CPU per request: {statistics.median(per_request):7.0f} us")
-                print(f"  gateway / stand-in upstream CPU: {statistics.median(ratio):.2f}x "
-                      f"(range {min(ratio):.2f}-{max(ratio):.2f})")  # fmt: skip
+                if ratio:
+                    print(f"  gateway / stand-in upstream CPU: {statistics.median(ratio):.2f}x "
+                          f"(range {min(ratio):.2f}-{max(ratio):.2f})")  # fmt: skip
+                else:
+                    print("  gateway / stand-in upstream CPU: not measured (the upstream used < 10 ms of CPU)")
     finally:
         upstream.terminate()
         upstream.wait(10)

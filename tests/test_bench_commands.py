@@ -98,7 +98,7 @@ BENCHES = {
         r"(?m)^\s+2 gateway\s+\d+\.\d{3} \(",
         vllm=("--vllm-url", "{vllm}"),
     ),
-    "gateway_cpu": Bench(("--concurrency", "4", "--requests", "8", "--tokens", "8", "--step-ms", "1", "--rounds", "1",
+    "gateway_cpu": Bench(("--concurrency", "4", "--requests", "16", "--tokens", "16", "--step-ms", "1", "--rounds", "1",
                           *MODEL), r"gateway / stand-in upstream CPU: \d+\.\d+x"),
     "gateway_overhead": Bench(("--requests", "10", "--chunks", "100", "--streams", "2", *MODEL),
                               r"per request .* ms \(TTFT.*\n.*per streamed chunk \(100-chunk stream\): .* us"),
